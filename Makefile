@@ -1,0 +1,23 @@
+# One-command set-up: `make train` and `make test` create .venv and install polyrl on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.polyrl-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup train test
+
+$(STAMP): pyproject.toml scripts/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c scripts/constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(VENV)/bin/polyrl train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)

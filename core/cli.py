@@ -1,0 +1,131 @@
+"""``polyrl`` command line: ``train`` and ``plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from .config import apply_overrides, field_docs, load_yaml
+from .types import ConfigError
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+def default_config() -> dict:
+    """The embedded default run: tiny models from ``assets/``, CPU-friendly, a few minutes."""
+    text = resources.files("polyrl").joinpath("defaults", DEFAULT_CONFIG).read_text()
+    return yaml.safe_load(text)
+
+
+def _build_host(plugin_modules: Sequence[str]):
+    from .host import Host
+
+    return Host(plugins=plugin_modules)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .loop import train
+
+    host = _build_host(args.plugin)
+    if args.resume:
+        if args.config and "=" not in args.config:
+            raise ConfigError("--resume takes the run directory's own config; give overrides only (key=value)")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there; is it a polyrl run directory?")
+        data = load_yaml(run_dir / "config.yaml")
+        overrides = ([args.config] if args.config else []) + list(args.overrides)
+        data.setdefault("run", {})["output_dir"] = str(run_dir)
+    elif args.config is None or "=" in args.config:
+        data = default_config()
+        overrides = ([args.config] if args.config else []) + list(args.overrides)
+    else:
+        data = load_yaml(args.config)
+        overrides = list(args.overrides)
+    data = apply_overrides(data, overrides)
+    cfg = host.build_config(data)
+    trainer = train(cfg, host, resume=bool(args.resume))
+    if trainer.accelerator.is_main_process:
+        print(f"polyrl: run finished: {trainer.run_dir} (report: {trainer.run_dir / 'report' / 'index.html'})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    host = _build_host(args.plugin)
+    info = host.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for p in info["plugins"]:
+        dist = f" ({p['distribution']} {p['version']})" if p["distribution"] else ""
+        print(f"{p['name']}{dist}: {p['module']}")
+        for kind, names in p["components"].items():
+            if names:
+                print(f"    {kind + 's':9} {', '.join(sorted(names))}")
+    for name, err in info["failed"].items():
+        print(f"{name}: FAILED TO LOAD: {err}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the accepted keys of a component, with their defaults and documentation."""
+    import dataclasses
+
+    host = _build_host(args.plugin)
+    kind = args.kind
+    spec = host.spec(kind, args.name, f"{kind}")
+    print(f"{kind} {spec.name!r} (from {spec.provider}): {spec.description}")
+    docs = field_docs(spec.config_cls)
+    for f in dataclasses.fields(spec.config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")  # type: ignore[misc]
+        print(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="polyrl", description="RL fine-tuning of generative models through one loop and plugins.")
+    parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE",
+                        help="load a Python module as a plugin (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model (no config: the embedded tiny default run)")
+    t.add_argument("config", nargs="?", help="YAML run config (omit for the embedded default)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. run.iterations=20")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plugins", help="list installed plugins and their components")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    p.set_defaults(func=cmd_plugins)
+
+    c = sub.add_parser("config", help="show a component's settings and their documentation")
+    c.add_argument("kind", choices=["policy", "sampler", "reward", "update"])
+    c.add_argument("name")
+    c.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"polyrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("polyrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Run configuration: YAML mapped onto typed dataclasses and checked before any model loads.
+
+A run configuration has a few fixed sections (``run``, ``prompts``, ``optimizer``) and four
+component sections. Each component section names the component (``name:``) and holds the fields
+of that component's own config dataclass::
+
+    policy:   {name: diffusion, pretrained: assets/tiny-sd, lora_rank: 4}
+    sampler:  {name: ddim, num_steps: 10, eta: 1.0}
+    rewards:
+      jpeg_compressibility: {weight: 1.0}
+    update:   {name: ddpo, clip_range: 1.0e-4}
+
+Dotted overrides (``policy.lora_rank=8``) are applied to the raw mapping first; then every key is
+checked against the dataclasses, and unknown keys, wrong types and unknown names are reported with
+their path, the accepted values and the nearest name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .types import ConfigError
+
+__all__ = [
+    "RunSettings",
+    "PromptsConfig",
+    "OptimizerConfig",
+    "ComponentConfig",
+    "RewardConfig",
+    "RunConfig",
+    "parse_overrides",
+    "apply_overrides",
+    "load_yaml",
+    "from_dict",
+    "to_dict",
+    "suggest",
+]
+
+
+# ---------------------------------------------------------------------------------- sections
+@dataclass
+class RunSettings:
+    """Loop-level settings."""
+
+    iterations: int = 10
+    """Number of RL iterations (sample, reward, update)."""
+    prompts_per_iteration: int = 4
+    """Distinct prompts drawn per iteration on each process."""
+    samples_per_prompt: int = 1
+    """Samples generated per prompt (the group size ``G`` of group methods)."""
+    seed: int = 0
+    """Seed for everything: prompt order, sampling noise, update shuffles, dropout."""
+    output_dir: str = "runs/polyrl"
+    """Run directory: resolved config, metrics.jsonl, checkpoints and report."""
+    save_every: int = 5
+    """Write a checkpoint every this many iterations (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many periodic checkpoints to keep (older ones are deleted)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """accelerate mixed precision for the trainable forward passes."""
+    cpu: bool = False
+    """Force the CPU even when a GPU is present."""
+    report: bool = True
+    """Write report.html with reward curves and samples at the end of the run."""
+    report_every: int = 0
+    """Also record fixed-seed samples for the report every this many iterations (0: first and last)."""
+    progress: bool = True
+    """Show a progress bar (main process only)."""
+
+    def check(self) -> None:
+        for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.report_every < 0:
+            raise ConfigError(f"run.report_every must be >= 0, got {self.report_every}")
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per process per iteration (``B``)."""
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+
+@dataclass
+class PromptsConfig:
+    """Where prompts come from. Exactly one of ``items`` and ``file``."""
+
+    items: list[str] | None = None
+    """Prompts written inline."""
+    file: str | None = None
+    """A text file (one prompt per line) or a JSONL file (``prompt`` column; other columns go to
+    rewards as ``Context.extra``)."""
+    shuffle: bool = True
+    """Draw prompts in a seeded random order (without replacement within an epoch)."""
+
+    def check(self) -> None:
+        if (self.items is None) == (self.file is None):
+            raise ConfigError("prompts: give exactly one of prompts.items (a list) and prompts.file (a path)")
+        if self.items is not None and len(self.items) == 0:
+            raise ConfigError("prompts.items is empty")
+        if self.file is not None and not Path(self.file).is_file():
+            raise ConfigError(f"prompts.file: no such file {self.file!r}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW over the policy's trainable parameters."""
+
+    lr: float = 3e-4
+    """Learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this before each optimizer step (<= 0 disables)."""
+
+    def check(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class ComponentConfig:
+    """A selected component and its own (typed) config."""
+
+    name: str
+    params: Any = None
+
+
+@dataclass
+class RewardConfig:
+    """A selected reward, its weight in the total, and its own config."""
+
+    name: str
+    key: str
+    weight: float = 1.0
+    params: Any = None
+
+
+@dataclass
+class RunConfig:
+    """A whole, validated run configuration."""
+
+    run: RunSettings
+    prompts: PromptsConfig
+    optimizer: OptimizerConfig
+    policy: ComponentConfig
+    sampler: ComponentConfig
+    update: ComponentConfig
+    rewards: list[RewardConfig]
+    plugins: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain mapping that, fed back to :func:`polyrl.host.Host.build_config`, gives this config."""
+        comp = lambda c: {"name": c.name, **to_dict(c.params)}  # noqa: E731
+        return {
+            "run": to_dict(self.run),
+            "prompts": to_dict(self.prompts),
+            "optimizer": to_dict(self.optimizer),
+            "policy": comp(self.policy),
+            "sampler": comp(self.sampler),
+            "update": comp(self.update),
+            "rewards": {
+                r.key: {**({"name": r.name} if r.name != r.key else {}), "weight": r.weight, **to_dict(r.params)}
+                for r in self.rewards
+            },
+            "plugins": list(self.plugins),
+        }
+
+
+# ---------------------------------------------------------------------------------- helpers
+def suggest(name: str, choices: typing.Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the nearest choice, or an empty string."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r}")
+    with p.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: typing.Sequence[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``a.b.c=value`` strings; values are read as YAML scalars (``1e-4``, ``true``, ``[a, b]``)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        if not key or any(not k for k in key.split(".")):
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot read the value: {e}") from None
+        out.append((key.split("."), value))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for keys, value in parse_overrides(overrides):
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {} if node.get(k) is None else node[k]
+                if not isinstance(node[k], dict):
+                    raise ConfigError(f"override {'.'.join(keys)}: {k!r} is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"{origin.__name__}[{_type_name(args[0])}]" if args else origin.__name__
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not accepted; choose one of {list(allowed)}{suggest(value, map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads 1e-4 (no dot) as a string; accept it when it parses
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported config field type {tp!r}")
+
+
+def from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type. ``path`` prefixes errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init}
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"{path}.{key}: unknown key{suggest(key, known)}; accepted keys: {sorted(known)}"
+            )
+    kwargs = {}
+    for name, f in known.items():
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], f"{path}.{name}")
+        elif f.default is MISSING and f.default_factory is MISSING:  # type: ignore[misc]
+            raise ConfigError(f"{path}.{name}: required ({_type_name(hints[name])})")
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if callable(check) and _check_takes_no_args(check):
+        check()
+    return obj
+
+
+def _check_takes_no_args(fn: Any) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) == 0
+    except (TypeError, ValueError):
+        return False
+
+
+def to_dict(obj: Any) -> Any:
+    if obj is None:
+        return {}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj) if f.init}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (read from its source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(src)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
+            if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs

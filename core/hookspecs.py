@@ -1,0 +1,141 @@
+"""The hooks a polyrl plugin can implement.
+
+There are three kinds:
+
+* **Registration hooks** (``polyrl_policies``, ``polyrl_samplers``, ``polyrl_rewards``,
+  ``polyrl_updates``) are called once when the host is built, on every process, and every plugin
+  contributes. They return lists of :class:`polyrl.types.ComponentSpec`. Installing a plugin only
+  makes components *available*; the run configuration *selects* them.
+* **Loop hooks** (``polyrl_sample``, ``polyrl_reward``, ``polyrl_update``) are ``firstresult``:
+  the built-in defaults are registered ``trylast`` and simply call the selected component, so a
+  plugin may replace a phase (return a value) or wrap it (``@hookimpl(wrapper=True)``) to observe
+  or modify what flows through. They run once per iteration on every process, never per token or
+  per denoising step.
+* **Event hooks** (``polyrl_configure``, ``polyrl_run_start``, ``polyrl_iteration_end``,
+  ``polyrl_run_end``) are broadcast to every plugin; return values are ignored.
+
+Shapes: ``B`` is the number of samples this process holds in the iteration, ``T`` the number of
+decision steps (tokens, denoising steps, env steps).
+
+Example plugin::
+
+    from polyrl import hookimpl, ComponentSpec, Reward
+
+    class Brightness(Reward):
+        reads = "images"
+        def __call__(self, rollout):
+            return rollout.outputs["images"].mean(dim=(1, 2, 3))
+
+    @dataclass
+    class BrightnessConfig:
+        pass
+
+    @hookimpl
+    def polyrl_rewards():
+        return [ComponentSpec("brightness", lambda cfg, policy=None: Brightness(),
+                              BrightnessConfig, reads=("images",))]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("polyrl")
+
+
+# ---------------------------------------------------------------- registration hooks
+@hookspec
+def polyrl_policies() -> list[Any]:
+    """Return the policy components this plugin provides (list of ``ComponentSpec``).
+
+    Called once per process when the host is built. A policy's factory receives its config
+    dataclass and returns a :class:`polyrl.types.Policy`.
+    """
+
+
+@hookspec
+def polyrl_samplers() -> list[Any]:
+    """Return the sampler components this plugin provides (list of ``ComponentSpec``).
+
+    Called once per process. A sampler's factory receives ``(config, policy=policy)`` and returns
+    a :class:`polyrl.types.Sampler`; ``spec.modality`` must equal the policy's.
+    """
+
+
+@hookspec
+def polyrl_rewards() -> list[Any]:
+    """Return the reward components this plugin provides (list of ``ComponentSpec``).
+
+    Called once per process. A reward's factory receives ``(config, policy=policy)`` and returns a
+    callable ``rollout -> [B]`` float tensor; ``spec.reads`` lists the rollout outputs it needs.
+    """
+
+
+@hookspec
+def polyrl_updates() -> list[Any]:
+    """Return the update algorithms this plugin provides (list of ``ComponentSpec``).
+
+    Called once per process. An update's factory receives its config and returns a
+    :class:`polyrl.types.Update`. Its config class may define ``check_run(run_config)`` to reject
+    impossible batch or group sizes before any model loads.
+    """
+
+
+# ---------------------------------------------------------------- loop hooks
+@hookspec(firstresult=True)
+def polyrl_sample(trainer: Any, contexts: list[Any]) -> Any:
+    """Produce this iteration's rollout: called once per iteration on every process.
+
+    Receives ``B`` contexts (``B = prompts_per_iteration * samples_per_prompt``) and returns a
+    :class:`polyrl.types.Rollout` with ``log_probs`` and ``mask`` of shape ``[B, T]``. Runs under
+    ``torch.no_grad``. The default calls the configured sampler with the unwrapped policy and the
+    iteration's sampling generator (``trainer.generator("sample")``).
+    """
+
+
+@hookspec(firstresult=True)
+def polyrl_reward(trainer: Any, rollout: Any) -> Any:
+    """Score the rollout: called once per iteration on every process, after sampling.
+
+    Returns a :class:`polyrl.types.RewardOutput` whose ``total`` is ``[B]`` and whose
+    ``components`` map each configured reward's name to its ``[B]`` unweighted score. The default
+    calls every configured reward under ``torch.no_grad`` and sums them with their weights.
+    """
+
+
+@hookspec(firstresult=True)
+def polyrl_update(trainer: Any, rollout: Any, rewards: Any) -> Any:
+    """Improve the policy: called once per iteration on every process, after the reward.
+
+    ``rewards`` is the ``[B]`` total reward of this process's samples. Returns a ``dict`` of float
+    metrics (``loss``, ``approx_kl``, ``clipfrac``...). The default calls the configured update
+    algorithm; algorithms gather cross-process statistics themselves, so every process must call it.
+    """
+
+
+# ---------------------------------------------------------------- event hooks
+@hookspec
+def polyrl_configure(config: Any) -> None:
+    """Called once per process with the validated :class:`polyrl.config.RunConfig`, before any
+    model loads. Raise :class:`polyrl.types.ConfigError` to reject a configuration."""
+
+
+@hookspec
+def polyrl_run_start(trainer: Any) -> None:
+    """Called once per process after models are loaded and a checkpoint (if any) is restored,
+    before the first iteration. ``trainer.iteration`` is the number of completed iterations."""
+
+
+@hookspec
+def polyrl_iteration_end(trainer: Any, iteration: int, metrics: dict[str, float], rollout: Any) -> None:
+    """Called on every process after each iteration, once its metrics are final (the values are
+    means over all processes). ``iteration`` counts from 1. ``rollout`` is this process's rollout."""
+
+
+@hookspec
+def polyrl_run_end(trainer: Any, error: BaseException | None) -> None:
+    """Called once per process when the run stops: ``error`` is ``None`` after the last
+    iteration, or the exception (``KeyboardInterrupt`` included) that stopped it, after the
+    emergency checkpoint has been written."""

@@ -1,0 +1,265 @@
+"""The data types that flow through the loop, and the base classes of the four component roles.
+
+Shapes use ``B`` for the number of samples a process holds in one iteration and ``T`` for the
+number of decision steps per sample: generated tokens for a language model, denoising steps for a
+diffusion model, consistency steps for a consistency model, environment steps for an agent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Context",
+    "Rollout",
+    "RewardOutput",
+    "Policy",
+    "Sampler",
+    "Reward",
+    "Update",
+    "ComponentSpec",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be run. The message names the bad key and what is accepted."""
+
+
+@dataclass
+class Context:
+    """One thing to generate for: a prompt (text or image model) or an environment reset.
+
+    ``group`` identifies the samples drawn for the same prompt in one iteration (all ``G`` of a
+    group live on the same process). ``extra`` carries dataset columns that rewards may read.
+    """
+
+    prompt: str
+    group: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rollout:
+    """What a sampler returns: everything needed to score the samples and to recompute log-probs.
+
+    Attributes:
+        contexts: ``B`` contexts, one per sample.
+        log_probs: ``[B, T]`` float, log-probability of each action under the sampling policy
+            (no gradient).
+        mask: ``[B, T]`` bool, True where a step is a real action (False for padding after EOS).
+        data: modality tensors with the batch dimension first (for diffusion ``latents
+            [B, T, C, H, W]``, ``next_latents``, ``timesteps [B, T]``, ``prompt_embeds``; for text
+            ``input_ids [B, L]``, ``attention_mask``...). Policies read them to recompute log-probs.
+        outputs: what rewards read: ``images`` float ``[B, 3, H, W]`` in ``[0, 1]``, ``texts``
+            (list of ``B`` strings), ``completion_ids``...
+        meta: sampling settings that the trained distribution must share (guidance scale, eta,
+            temperature...). Scalars only.
+        ref_log_probs: ``[B, T]`` log-probs under the reference policy, filled in by updates that
+            need a KL term.
+    """
+
+    contexts: list[Context]
+    log_probs: torch.Tensor
+    mask: torch.Tensor
+    data: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    ref_log_probs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        b = len(self.contexts)
+        if self.log_probs.dim() != 2 or self.log_probs.shape[0] != b:
+            raise ValueError(f"log_probs must be [B={b}, T], got {tuple(self.log_probs.shape)}")
+        if self.mask.shape != self.log_probs.shape:
+            raise ValueError(
+                f"mask {tuple(self.mask.shape)} must match log_probs {tuple(self.log_probs.shape)}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.contexts)
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [c.prompt for c in self.contexts]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "Rollout":
+        """A new rollout holding the samples at ``index`` (a 1-D index along the batch)."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        il = idx.tolist()
+
+        def pick(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.batch_size:
+                return v[idx.to(v.device)]
+            if isinstance(v, list) and len(v) == self.batch_size:
+                return [v[i] for i in il]
+            return v
+
+        return Rollout(
+            contexts=[self.contexts[i] for i in il],
+            log_probs=pick(self.log_probs),
+            mask=pick(self.mask),
+            data={k: pick(v) for k, v in self.data.items()},
+            outputs={k: pick(v) for k, v in self.outputs.items()},
+            meta=dict(self.meta),
+            ref_log_probs=None if self.ref_log_probs is None else pick(self.ref_log_probs),
+        )
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return dataclasses.replace(
+            self,
+            log_probs=move(self.log_probs),
+            mask=move(self.mask),
+            data={k: move(v) for k, v in self.data.items()},
+            ref_log_probs=move(self.ref_log_probs),
+        )
+
+
+@dataclass
+class RewardOutput:
+    """The composed reward of a rollout.
+
+    ``total`` is ``[B]`` (sequence-level) and is the weighted sum of ``components``; each component
+    is ``[B]`` and is logged as ``reward/<name>``.
+    """
+
+    total: torch.Tensor
+    components: dict[str, torch.Tensor]
+
+
+class Policy(nn.Module):
+    """The trainable generative model.
+
+    A policy is an ``nn.Module`` whose ``forward`` recomputes log-probs *with* gradients, so that
+    the loop can hand it to ``accelerator.prepare`` and every trainable parameter (LoRA included)
+    takes part in gradient synchronisation across processes.
+
+    Subclasses implement:
+
+    * ``forward(rollout, steps=None) -> [B, K]``: log-probs of the rollout's recorded actions.
+      ``steps`` is ``None`` (all ``T`` steps; returns ``[B, T]``) or a LongTensor ``[B, K]`` of step
+      indices chosen per sample (returns ``[B, K]``). Diffusion policies use the latter to visit
+      timesteps in a shuffled order per sample; language models compute all tokens in one pass.
+    * ``reference_log_probs(rollout, steps=None)``: the same under the reference policy (the base
+      model with the adapter disabled), without gradients.
+    * ``trainable_state_dict()`` / ``load_trainable_state_dict(sd)``: the trained weights only,
+      for checkpoints (saved as safetensors).
+    * ``save_pretrained(path)``: the trained weights in the format the ecosystem loads directly.
+    """
+
+    modality: str = "any"
+
+    @property
+    def device(self) -> torch.device:
+        """Where the policy's parameters live (the loop moves it to the accelerator's device)."""
+        return next(self.parameters()).device
+
+    def forward(self, rollout: Rollout, steps: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reference_log_probs(self, rollout: Rollout, steps: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no reference policy")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state_dict())
+        got = set(state)
+        if expected != got:
+            missing, unexpected = sorted(expected - got)[:5], sorted(got - expected)[:5]
+            raise ValueError(f"checkpoint does not match the policy: missing {missing}, unexpected {unexpected}")
+        self.load_state_dict(dict(state), strict=False)
+
+    def save_pretrained(self, path: str) -> None:  # pragma: no cover - every policy overrides
+        raise NotImplementedError
+
+
+class Sampler:
+    """Turns contexts into a :class:`Rollout` (called under ``torch.no_grad``).
+
+    ``sample(policy, contexts, generator) -> Rollout`` with ``B = len(contexts)``. The policy is
+    the unwrapped module. ``generator`` seeds all sampling noise so that runs are reproducible.
+    """
+
+    modality: str = "any"
+
+    def sample(self, policy: Policy, contexts: list[Context], generator: torch.Generator) -> Rollout:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Reward:
+    """Scores a rollout: ``__call__(rollout) -> [B]`` float tensor (higher is better).
+
+    ``reads`` names the rollout output the reward needs (``"images"``, ``"texts"``); the host
+    checks before any model loads that the chosen sampler produces it.
+    """
+
+    reads: str = "any"
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Update:
+    """The learning algorithm. ``step(trainer, rollout, rewards) -> metrics``.
+
+    ``trainer`` is the loop's :class:`polyrl.loop.Trainer` (accelerator, wrapped policy,
+    optimizer, configuration). ``rewards`` is ``[B]`` for this process's samples. Updates that
+    need cross-process statistics gather them with ``trainer.accelerator``. Any state that must
+    survive a resume (statistics trackers, adaptive coefficients) goes in ``state_dict``.
+    """
+
+    def step(self, trainer: Any, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+@dataclass
+class ComponentSpec:
+    """What a plugin contributes through a registration hook.
+
+    Attributes:
+        name: the name a run config selects it by (``policy: {name: ...}``).
+        factory: ``factory(config)`` builds the component from its config dataclass instance.
+            Samplers and rewards are built after the policy and also receive ``policy=`` as a
+            keyword, so that they can share its device and tokenizer.
+        config_cls: the component's config dataclass (every field documented).
+        modality: ``"image"``, ``"text"``, ``"env"`` or ``"any"``; a sampler's modality must match
+            its policy's, a reward's ``reads`` must be produced by the sampler.
+        produces / reads: for samplers, the rollout outputs they fill (``("images",)``); for
+            rewards, the outputs they need.
+        description: one line for ``polyrl plugins``.
+        provider: filled in by the host: the plugin that registered it.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    config_cls: type
+    modality: str = "any"
+    produces: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
+    description: str = ""
+    provider: str = ""

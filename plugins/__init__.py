@@ -1,0 +1,1 @@
+"""Built-in polyrl plugins: policies, samplers and update algorithms."""

@@ -1,0 +1,55 @@
+"""Pieces shared by the update algorithms: batching and cross-process gathering."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from accelerate.utils import gather_object
+
+from polyrl.types import ConfigError, Rollout
+
+
+def check_batching(name: str, batch_size: int, train_batch_size: int, accumulation: int) -> None:
+    """Reject a per-process batch that the micro-batch size and accumulation do not divide."""
+    if train_batch_size < 1 or accumulation < 1:
+        raise ConfigError(f"update.train_batch_size and update.gradient_accumulation_batches must be >= 1")
+    if batch_size % train_batch_size:
+        raise ConfigError(
+            f"update.train_batch_size={train_batch_size} must divide the per-process batch "
+            f"run.prompts_per_iteration * run.samples_per_prompt = {batch_size} ({name}); "
+            f"accepted: {[d for d in range(1, batch_size + 1) if batch_size % d == 0]}"
+        )
+    n_micro = batch_size // train_batch_size
+    if n_micro % accumulation:
+        raise ConfigError(
+            f"update.gradient_accumulation_batches={accumulation} must divide the number of micro-batches "
+            f"{n_micro} (= {batch_size} / train_batch_size {train_batch_size}) ({name}); "
+            f"accepted: {[d for d in range(1, n_micro + 1) if n_micro % d == 0]}"
+        )
+
+
+def windows(perm: torch.Tensor, train_batch_size: int, accumulation: int) -> Iterator[list[torch.Tensor]]:
+    """Split a permutation of sample indices into accumulation windows of micro-batches."""
+    micro = list(perm.split(train_batch_size))
+    for i in range(0, len(micro), accumulation):
+        yield micro[i : i + accumulation]
+
+
+def gather_rewards(trainer, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, list[str], slice]:
+    """Rewards ``[N]`` and prompts of *all* processes, and the slice that is this process's.
+
+    Every process holds the same number of samples, so process ``r``'s samples are
+    ``[r*B, (r+1)*B)`` of the gathered tensor.
+    """
+    acc = trainer.accelerator
+    local = rewards.detach().float().to(acc.device)
+    all_rewards = acc.gather(local).cpu()
+    all_prompts = gather_object(list(rollout.prompts)) if acc.num_processes > 1 else list(rollout.prompts)
+    b = local.shape[0]
+    return all_rewards, all_prompts, slice(acc.process_index * b, (acc.process_index + 1) * b)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)

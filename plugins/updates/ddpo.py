@@ -1,0 +1,123 @@
+"""DDPO: clipped policy gradient over denoising steps (Black et al., 2023).
+
+For each sample, the same scalar advantage applies to every step. Advantages come from a
+per-prompt statistics tracker over rewards gathered from all processes. Per inner epoch the
+samples are shuffled, and *each sample's* step order is shuffled independently; one optimizer step
+accumulates gradients over ``gradient_accumulation_batches`` micro-batches times all their steps::
+
+    A = clamp(adv, -adv_clip_max, adv_clip_max)
+    r = exp(logp_new - logp_old)
+    loss = mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from polyrl.stats import PerPromptStatTracker
+from polyrl.types import Rollout, Update
+
+from .common import check_batching, gather_rewards, windows
+
+
+@dataclass
+class DDPOConfig:
+    """Settings of the DDPO update (defaults from the DDPO reference runs)."""
+
+    inner_epochs: int = 1
+    """Passes over each iteration's samples."""
+    train_batch_size: int = 4
+    """Samples per micro-batch on each process."""
+    gradient_accumulation_batches: int = 1
+    """Micro-batches per optimizer step; each contributes all of its steps (T backward passes)."""
+    clip_range: float = 1e-4
+    """PPO ratio clip epsilon."""
+    adv_clip_max: float = 5.0
+    """Advantages are clamped to [-adv_clip_max, adv_clip_max]."""
+    timestep_fraction: float = 1.0
+    """Fraction of each sample's (shuffled) steps to train on."""
+    per_prompt_stat_tracking: bool = True
+    """Normalise rewards per prompt (tracker); False uses the gathered batch's mean and std."""
+    tracker_buffer_size: int = 32
+    """Rewards remembered per prompt."""
+    tracker_min_count: int = 16
+    """Below this many rewards for a prompt, the batch statistics are used."""
+
+    def check(self) -> None:
+        from polyrl.types import ConfigError
+
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"update.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.inner_epochs < 1:
+            raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
+
+    def check_run(self, cfg: Any) -> None:
+        check_batching("ddpo", cfg.run.batch_size, self.train_batch_size, self.gradient_accumulation_batches)
+
+
+class DDPO(Update):
+    def __init__(self, cfg: DDPOConfig) -> None:
+        self.cfg = cfg
+        self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
+        self.last_advantages: torch.Tensor | None = None
+
+    def advantages(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+        all_rewards, all_prompts, mine = gather_rewards(trainer, rollout, rewards)
+        if self.cfg.per_prompt_stat_tracking:
+            adv = self.tracker.update(all_prompts, all_rewards)
+        else:
+            adv = (all_rewards - all_rewards.mean()) / (all_rewards.std(unbiased=False) + 1e-6)
+        return adv[mine]
+
+    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        device = trainer.accelerator.device
+        adv = self.advantages(trainer, rollout, rewards)
+        self.last_advantages = adv.clone()
+        adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(device)
+        rollout = rollout.to(device)
+        b, t = rollout.log_probs.shape
+        t_train = max(1, int(t * cfg.timestep_fraction))
+        g = trainer.generator("update")
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        for _ in range(cfg.inner_epochs):
+            perm = torch.randperm(b, generator=g)
+            order = torch.stack([torch.randperm(t, generator=g) for _ in range(b)])  # [B, T] per-sample shuffle
+            for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
+                n_micro = len(window) * t_train
+                k = 0
+                for idx in window:
+                    mb = rollout.select(idx)
+                    mb_adv = adv[idx.to(device)]
+                    for j in range(t_train):
+                        k += 1
+                        cols = order[idx, j : j + 1].to(device)  # [b, 1]
+                        with trainer.no_sync(sync=k == n_micro):
+                            logp = trainer.model(mb, cols)[:, 0]
+                            old = mb.log_probs.gather(1, cols)[:, 0]
+                            valid = mb.mask.gather(1, cols)[:, 0].float()
+                            ratio = torch.exp(logp - old)
+                            unclipped = -mb_adv * ratio
+                            clipped = -mb_adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
+                            per_sample = torch.maximum(unclipped, clipped)
+                            loss = (per_sample * valid).sum() / valid.sum().clamp(min=1.0)
+                            trainer.backward(loss / n_micro)
+                        with torch.no_grad():
+                            d = (logp - old).detach()
+                            stats["loss"].append(loss.item())
+                            stats["approx_kl"].append(0.5 * (d**2).mean().item())
+                            stats["clipfrac"].append(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean().item())
+                stats["grad_norm"].append(trainer.optimizer_step())
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out["advantage_abs_mean"] = adv.abs().mean().item()
+        out.update(self.tracker.stats())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
