@@ -58,6 +58,27 @@ class DDPOConfig:
         check_batching("ddpo", cfg.run.batch_size, self.train_batch_size, self.gradient_accumulation_batches)
 
 
+def ddpo_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, clip_range: float,
+              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped DDPO/PPO surrogate for one step per sample.
+
+    ``logp``, ``old``, ``adv`` and ``valid`` are ``[b]``. Returns the loss (mean over valid
+    samples) and ``approx_kl = mean(0.5 * (logp - old)^2)`` and ``clipfrac``.
+    """
+    valid = torch.ones_like(logp) if valid is None else valid.float()
+    ratio = torch.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = (torch.maximum(unclipped, clipped) * valid).sum() / valid.sum().clamp(min=1.0)
+    with torch.no_grad():
+        d = logp.detach() - old
+        stats = {
+            "approx_kl": (0.5 * d**2).mean().item(),
+            "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
+        }
+    return loss, stats
+
+
 class DDPO(Update):
     def __init__(self, cfg: DDPOConfig) -> None:
         self.cfg = cfg
@@ -97,19 +118,14 @@ class DDPO(Update):
                         cols = order[idx, j : j + 1].to(device)  # [b, 1]
                         with trainer.no_sync(sync=k == n_micro):
                             logp = trainer.model(mb, cols)[:, 0]
-                            old = mb.log_probs.gather(1, cols)[:, 0]
-                            valid = mb.mask.gather(1, cols)[:, 0].float()
-                            ratio = torch.exp(logp - old)
-                            unclipped = -mb_adv * ratio
-                            clipped = -mb_adv * torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
-                            per_sample = torch.maximum(unclipped, clipped)
-                            loss = (per_sample * valid).sum() / valid.sum().clamp(min=1.0)
+                            loss, step_stats = ddpo_loss(
+                                logp, mb.log_probs.gather(1, cols)[:, 0], mb_adv, cfg.clip_range,
+                                mb.mask.gather(1, cols)[:, 0],
+                            )
                             trainer.backward(loss / n_micro)
-                        with torch.no_grad():
-                            d = (logp - old).detach()
-                            stats["loss"].append(loss.item())
-                            stats["approx_kl"].append(0.5 * (d**2).mean().item())
-                            stats["clipfrac"].append(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean().item())
+                        stats["loss"].append(loss.item())
+                        for key, value in step_stats.items():
+                            stats[key].append(value)
                 stats["grad_norm"].append(trainer.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["advantage_abs_mean"] = adv.abs().mean().item()

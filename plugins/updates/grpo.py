@@ -52,6 +52,43 @@ class GRPOConfig:
         check_batching("grpo", cfg.run.batch_size, self.train_batch_size, self.gradient_accumulation_batches)
 
 
+def grpo_loss(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+    beta: float = 0.0,
+    ref: torch.Tensor | None = None,
+    aggregation: str = "sequence_mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's loss. ``logp``, ``old``, ``ref``, ``mask`` are ``[b, T]``; ``adv`` is ``[b]``."""
+    m = mask.float()
+    a = adv.unsqueeze(1)
+    ratio = torch.exp(logp - old)
+    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * a)
+    n_tokens = m.sum().clamp(min=1)
+    stats: dict[str, float] = {}
+    if beta > 0:
+        if ref is None:
+            raise ValueError("grpo_loss: beta > 0 needs reference log-probs")
+        d = ref - logp
+        kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref)
+        per_token = per_token + beta * kl
+        stats["kl_ref"] = ((kl.detach() * m).sum() / n_tokens).item()
+    if aggregation == "sequence_mean":
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    elif aggregation == "token_mean":
+        loss = (per_token * m).sum() / n_tokens
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; accepted: 'sequence_mean', 'token_mean'")
+    with torch.no_grad():
+        d_old = (logp.detach() - old) * m
+        stats["approx_kl"] = (0.5 * (d_old**2).sum() / n_tokens).item()
+        stats["clipfrac"] = ((((ratio.detach() - 1).abs() > clip_range).float() * m).sum() / n_tokens).item()
+    return loss, stats
+
+
 class GRPO(Update):
     def __init__(self, cfg: GRPOConfig) -> None:
         self.cfg = cfg
@@ -71,29 +108,16 @@ class GRPO(Update):
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
                 for k, idx in enumerate(window, 1):
                     mb = rollout.select(idx)
-                    a = adv[idx.to(device)].unsqueeze(1)  # [b, 1]
                     with trainer.no_sync(sync=k == len(window)):
                         logp = trainer.model(mb)  # [b, T]
-                        m = mb.mask.float()
-                        ratio = torch.exp(logp - mb.log_probs)
-                        surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range) * a)
-                        per_token = -surrogate
-                        if cfg.beta > 0:
-                            d = mb.ref_log_probs - logp
-                            kl = torch.exp(d) - d - 1
-                            per_token = per_token + cfg.beta * kl
-                            stats["kl_ref"].append(((kl.detach() * m).sum() / m.sum().clamp(min=1)).item())
-                        if cfg.loss_aggregation == "sequence_mean":
-                            loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-                        else:
-                            loss = (per_token * m).sum() / m.sum().clamp(min=1)
+                        loss, step_stats = grpo_loss(
+                            logp, mb.log_probs, adv[idx.to(device)], mb.mask, cfg.clip_range,
+                            cfg.beta, mb.ref_log_probs, cfg.loss_aggregation,
+                        )
                         trainer.backward(loss / len(window))
-                    with torch.no_grad():
-                        d_old = (logp.detach() - mb.log_probs) * m
-                        stats["loss"].append(loss.item())
-                        stats["approx_kl"].append((0.5 * (d_old**2).sum() / m.sum().clamp(min=1)).item())
-                        clipped = ((ratio.detach() - 1).abs() > cfg.clip_range).float() * m
-                        stats["clipfrac"].append((clipped.sum() / m.sum().clamp(min=1)).item())
+                    stats["loss"].append(loss.item())
+                    for key, value in step_stats.items():
+                        stats[key].append(value)
                 stats["grad_norm"].append(trainer.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["completion_length"] = rollout.mask.float().sum(1).mean().item()
