@@ -67,7 +67,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{p['name']}{dist}: {p['module']}")
         for kind, names in p["components"].items():
             if names:
-                print(f"    {kind + 's':9} {', '.join(sorted(names))}")
+                plural = "policies" if kind == "policy" else kind + "s"
+                print(f"    {plural:9} {', '.join(sorted(names))}")
     for name, err in info["failed"].items():
         print(f"{name}: FAILED TO LOAD: {err}")
     return 0

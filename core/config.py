@@ -60,7 +60,8 @@ class RunSettings:
     seed: int = 0
     """Seed for everything: prompt order, sampling noise, update shuffles, dropout."""
     output_dir: str = "runs/polyrl"
-    """Run directory: resolved config, metrics.jsonl, checkpoints and report."""
+    """Run directory: resolved config, metrics.jsonl, checkpoints and report. ``{time}`` is
+    replaced by the start time (``20260101-120000``)."""
     save_every: int = 5
     """Write a checkpoint every this many iterations (and always at the end)."""
     keep_checkpoints: int = 2
@@ -106,8 +107,11 @@ class PromptsConfig:
             raise ConfigError("prompts: give exactly one of prompts.items (a list) and prompts.file (a path)")
         if self.items is not None and len(self.items) == 0:
             raise ConfigError("prompts.items is empty")
-        if self.file is not None and not Path(self.file).is_file():
-            raise ConfigError(f"prompts.file: no such file {self.file!r}")
+        if self.file is not None:
+            from .paths import resolve_path
+
+            if not Path(resolve_path(self.file)).is_file():
+                raise ConfigError(f"prompts.file: no such file {self.file!r}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -194,6 +195,8 @@ class Host:
             self.load_module(mod)
 
         run = from_dict(RunSettings, data.get("run"), "run")
+        if "{time}" in run.output_dir:
+            run.output_dir = run.output_dir.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
         prompts = from_dict(PromptsConfig, data.get("prompts"), "prompts")
         optimizer = from_dict(OptimizerConfig, data.get("optimizer"), "optimizer")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import PromptsConfig
+from .paths import resolve_path
 from .types import ConfigError, Context
 
 
@@ -15,7 +16,7 @@ def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
     """``(prompt, extra columns)`` pairs from inline items, a text file or a JSONL file."""
     if cfg.items is not None:
         return [(p, {}) for p in cfg.items]
-    path = Path(cfg.file)  # type: ignore[arg-type]
+    path = Path(resolve_path(cfg.file))  # type: ignore[arg-type]
     rows: list[tuple[str, dict]] = []
     if path.suffix == ".jsonl":
         for n, line in enumerate(path.read_text().splitlines(), 1):

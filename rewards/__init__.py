@@ -5,6 +5,7 @@ from __future__ import annotations
 from polyrl import ComponentSpec, hookimpl
 
 from .jpeg import JpegCompressibility, JpegConfig, JpegIncompressibility
+from .sentiment import SENTIMENT_SPEC
 
 
 @hookimpl
@@ -26,4 +27,5 @@ def polyrl_rewards():
             reads=("images",),
             description="the JPEG size in kB (quality 95)",
         ),
+        SENTIMENT_SPEC,
     ]

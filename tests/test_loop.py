@@ -1,0 +1,135 @@
+"""The loop end to end on the tiny text model: run directory, exact resume, crash checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from polyrl import hookimpl
+from polyrl.checkpoint import latest_checkpoint
+from polyrl.host import Host
+from polyrl.loop import train
+from polyrl.types import ConfigError
+
+BASE = {
+    "run": {"iterations": 4, "prompts_per_iteration": 2, "samples_per_prompt": 4, "seed": 7,
+            "save_every": 2, "progress": False, "report": False},
+    "prompts": {"file": "assets/tiny-gpt2/prompts.txt"},
+    "policy": {"name": "causal_lm", "pretrained": "assets/tiny-gpt2", "lora_rank": 8},
+    "sampler": {"name": "generate", "max_new_tokens": 8, "temperature": 1.0},
+    "rewards": {"sentiment": {"weight": 1.0}},
+    "update": {"name": "grpo", "train_batch_size": 4, "inner_epochs": 2, "beta": 0.05},
+    "optimizer": {"lr": 5e-3},
+}
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def config(tmp_path, name, **run):
+    data = copy.deepcopy(BASE)
+    data["run"].update(output_dir=str(tmp_path / name), **run)
+    return data
+
+
+def metrics(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+class CrashInUpdate:
+    """Raises after the update of ``iteration`` has already changed the weights."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    @hookimpl(wrapper=True)
+    def polyrl_update(self, trainer, rollout, rewards):
+        result = yield
+        if trainer.iteration == self.iteration:
+            raise RuntimeError("simulated failure after the optimizer step")
+        return result
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    host = Host()
+    train(host.build_config(config(tmp, "full")), host)
+    return tmp / "full"
+
+
+def test_run_directory_contents(uninterrupted):
+    run = uninterrupted
+    assert (run / "config.yaml").is_file() and (run / "plugins.json").is_file()
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    for key in ("reward_mean", "reward/sentiment", "time/sample", "time/reward", "time/update", "loss", "kl_ref"):
+        assert key in rows[0], key
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "iter_000004"
+    assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optimizer.pt", "update.pt", "trainer.json"}
+    assert (run / "policy" / "adapter_config.json").is_file()  # peft format
+    plugins = json.loads((run / "plugins.json").read_text())
+    assert plugins["text"]["distribution"] == "polyrl"
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
+    host = Host()
+    train(host.build_config(config(tmp_path, "split", iterations=2)), host)
+    assert [r["iteration"] for r in metrics(tmp_path / "split")] == [1, 2]
+    data = copy.deepcopy(config(tmp_path, "split"))  # same run, 4 iterations
+    host = Host()
+    train(host.build_config(data), host, resume=True)
+    assert metrics(tmp_path / "split") == metrics(uninterrupted)
+
+
+def test_crash_mid_update_leaves_a_resumable_checkpoint(tmp_path, uninterrupted):
+    host = Host()
+    host.register(CrashInUpdate(iteration=3), "crash")
+    data = config(tmp_path, "crash", save_every=100)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        train(host.build_config(data), host)
+    assert latest_checkpoint(tmp_path / "crash").name == "iter_000002"
+    host = Host()
+    train(host.build_config(data), host, resume=True)
+    assert metrics(tmp_path / "crash") == metrics(uninterrupted)
+
+
+def test_existing_run_is_never_overwritten(uninterrupted):
+    host = Host()
+    data = copy.deepcopy(BASE)
+    data["run"]["output_dir"] = str(uninterrupted)
+    before = (uninterrupted / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(host.build_config(data), host)
+    assert (uninterrupted / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_iteration_and_saves(tmp_path):
+    run = tmp_path / "sigint"
+    cmd = [sys.executable, "-m", "polyrl.cli", "train", "run.iterations=50", "run.report=false",
+           f"run.output_dir={run}", "run.save_every=100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= done < 50
+    assert latest_checkpoint(run).name == f"iter_{done:06d}"
+    assert f"polyrl train --resume {run}" in err
