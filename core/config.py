@@ -169,7 +169,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The plain mapping that, fed back to :func:`polyrl.host.Host.build_config`, gives this config."""
-        comp = lambda c: {"name": c.name, **to_dict(c.params)}  # noqa: E731
+        comp = lambda c: {"name": c.name, **(to_dict(c.params) or {})}  # noqa: E731
         return {
             "run": to_dict(self.run),
             "prompts": to_dict(self.prompts),
@@ -178,7 +178,7 @@ class RunConfig:
             "sampler": comp(self.sampler),
             "update": comp(self.update),
             "rewards": {
-                r.key: {**({"name": r.name} if r.name != r.key else {}), "weight": r.weight, **to_dict(r.params)}
+                r.key: {**({"name": r.name} if r.name != r.key else {}), "weight": r.weight, **(to_dict(r.params) or {})}
                 for r in self.rewards
             },
             "plugins": list(self.plugins),
@@ -344,8 +344,6 @@ def _check_takes_no_args(fn: Any) -> bool:
 
 
 def to_dict(obj: Any) -> Any:
-    if obj is None:
-        return {}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj) if f.init}
     if isinstance(obj, tuple):

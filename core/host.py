@@ -200,25 +200,26 @@ class Host:
         prompts = from_dict(PromptsConfig, data.get("prompts"), "prompts")
         optimizer = from_dict(OptimizerConfig, data.get("optimizer"), "optimizer")
 
-        def component(kind: str, key: str) -> tuple[ComponentConfig, ComponentSpec]:
+        def component_spec(kind: str, key: str) -> tuple[str, dict[str, Any], ComponentSpec]:
             section = data.get(key)
             if not isinstance(section, dict) or "name" not in section:
                 raise ConfigError(f"{key}: required section with a 'name' key; available: {sorted(self.registry[kind])}")
             section = dict(section)
             name = section.pop("name")
-            spec = self.spec(kind, name, f"{key}.name")
-            params = from_dict(spec.config_cls, section, key)
-            return ComponentConfig(name, params), spec
+            return name, section, self.spec(kind, name, f"{key}.name")
 
-        policy, policy_spec = component("policy", "policy")
-        sampler, sampler_spec = component("sampler", "sampler")
-        update, update_spec = component("update", "update")
+        policy_name, policy_section, policy_spec = component_spec("policy", "policy")
+        sampler_name, sampler_section, sampler_spec = component_spec("sampler", "sampler")
+        update_name, update_section, update_spec = component_spec("update", "update")
         if sampler_spec.modality not in ("any", policy_spec.modality):
             raise ConfigError(
-                f"sampler.name: {sampler.name!r} samples {sampler_spec.modality} but policy {policy.name!r} is "
+                f"sampler.name: {sampler_name!r} samples {sampler_spec.modality} but policy {policy_name!r} is "
                 f"{policy_spec.modality}; samplers for it: "
                 f"{sorted(n for n, s in self.registry['sampler'].items() if s.modality in ('any', policy_spec.modality))}"
             )
+        policy = ComponentConfig(policy_name, from_dict(policy_spec.config_cls, policy_section, "policy"))
+        sampler = ComponentConfig(sampler_name, from_dict(sampler_spec.config_cls, sampler_section, "sampler"))
+        update = ComponentConfig(update_name, from_dict(update_spec.config_cls, update_section, "update"))
 
         raw_rewards = data.get("rewards")
         if not isinstance(raw_rewards, dict) or not raw_rewards:

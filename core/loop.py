@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -166,7 +167,7 @@ class Trainer:
             if self._stop_requested:
                 raise KeyboardInterrupt
             self._stop_requested = True
-            tqdm.write("polyrl: stopping after this iteration (Ctrl-C again to stop now)")
+            tqdm.write("polyrl: stopping after this iteration (Ctrl-C again to stop now)", file=sys.stderr)
 
         try:
             signal.signal(signal.SIGINT, handler)
@@ -263,7 +264,8 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 tqdm.write(
                     f"polyrl: stopped during iteration {trainer.iteration} ({type(error).__name__}); "
                     f"checkpoint of iteration {trainer.completed} saved; continue with "
-                    f"`polyrl train --resume {trainer.run_dir}`"
+                    f"`polyrl train --resume {trainer.run_dir}`",
+                    file=sys.stderr,
                 )
         hook.polyrl_run_end(trainer=trainer, error=error)
         raise

@@ -60,7 +60,7 @@ def test_embedded_default_is_valid(host):
         (["update.train_batch_size=3"], ["update.train_batch_size=3", "must divide", "accepted: [1, 2, 4, 8]"]),
         (["run.mixed_precision=fp8"], ["run.mixed_precision", "'fp8'", "'bf16'"]),
         (["sampler.name=ddim"], ["sampler.name", "'ddim' samples image", "causal_lm", "generate"]),
-        (["rewards.jpeg_compressibility.weight=1"], ["rewards.jpeg_compressibility", "reads ['images']", "produces ['texts']"]),
+        (["rewards.jpeg_compressibility.weight=1"], ["rewards.jpeg_compressibility", "reads ['images']", "produces ['texts'"]),
         (["colour=red"], ["colour: unknown top-level key"]),
     ],
 )

@@ -1,0 +1,128 @@
+"""The ``ddim`` sampler: classifier-free-guided DDIM with η > 0, recording every step (DDPO)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from polyrl import ConfigError, Context, Rollout, Sampler
+
+from .ddim import ddim_step_with_logprob
+
+__all__ = ["DDIMSampler", "DDIMSamplerConfig"]
+
+
+@dataclass
+class DDIMSamplerConfig:
+    """Stochastic DDIM sampling with classifier-free guidance."""
+
+    num_steps: int = 10
+    """Denoising steps ``T`` per sample. Stable Diffusion and DDPO use 50; 10 keeps the tiny model
+    fast on a CPU."""
+    eta: float = 1.0
+    """DDIM's η in (0, 1]: the noise scale of each step (1 = DDPM-like, DDPO's setting). It must
+    be > 0, because a deterministic step has no log-probability to train."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight ``g`` (DDPO uses 5); ``<= 1`` disables guidance. Training
+    recomputes log-probs with the same value."""
+    batch_size: int = 8
+    """Samples denoised together in one UNet batch (the UNet sees twice as many with guidance).
+    Results do not depend on it: all noise is drawn per sample up front."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional branch of guidance (SD's default is the empty prompt)."""
+
+    def check(self) -> None:
+        """Reject impossible settings before any model loads."""
+        if self.num_steps < 1:
+            raise ConfigError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+        if not 0 < self.eta <= 1:
+            raise ConfigError(
+                f"sampler.eta must be in (0, 1], got {self.eta}: with eta = 0 DDIM is deterministic and has "
+                "no log-probability to train"
+            )
+        if self.guidance_scale < 0:
+            raise ConfigError(f"sampler.guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.batch_size < 1:
+            raise ConfigError(f"sampler.batch_size must be >= 1, got {self.batch_size}")
+
+
+class DDIMSampler(Sampler):
+    """Samples images from a :class:`~polyrl.plugins.diffusion.policy.DiffusionPolicy` and records
+    the DDIM trajectory that its ``forward`` rescores."""
+
+    modality = "image"
+
+    def __init__(self, config: DDIMSamplerConfig | None = None) -> None:
+        self.config = config or DDIMSamplerConfig()
+
+    @torch.no_grad()
+    def sample(self, policy, contexts: list[Context], generator: torch.Generator) -> Rollout:
+        """Denoise ``B = len(contexts)`` latents and decode them.
+
+        All random numbers come from ``generator``, drawn on its device (a CPU generator gives
+        the same samples on every device) in this order: initial latents ``[B, C, h, w]``, then
+        step noise ``[B, T, C, h, w]``. The same generator state gives the same rollout.
+
+        Returns a :class:`Rollout` with
+            ``log_probs`` ``[B, T]`` and ``mask`` ``[B, T]`` (all True);
+            ``data``: ``latents`` / ``next_latents`` ``[B, T, C, h, w]`` (before / after each
+            step), ``timesteps`` ``[B, T]`` long, ``prompt_embeds`` / ``negative_prompt_embeds``
+            ``[B, L, D]``;
+            ``outputs["images"]`` ``[B, 3, H, W]`` float in ``[0, 1]``;
+            ``meta`` = ``{"eta", "guidance_scale", "num_steps"}``.
+        All tensors live on the policy's device.
+        """
+        if not hasattr(policy, "predict_noise"):
+            raise TypeError(f"the ddim sampler needs a diffusion policy, got {type(policy).__name__}")
+        cfg = self.config
+        b, n_steps = len(contexts), cfg.num_steps
+        device = policy.device
+        prompts = [c.prompt for c in contexts]
+
+        policy.set_num_steps(n_steps)
+        scheduler = policy.scheduler
+        timesteps = scheduler.timesteps.to(device=device, dtype=torch.long)  # [T], descending
+        c, h, w = policy.latent_shape
+        gen_device = generator.device
+        init = torch.randn((b, c, h, w), generator=generator, device=gen_device) * scheduler.init_noise_sigma
+        noise = torch.randn((b, n_steps, c, h, w), generator=generator, device=gen_device)
+
+        latents, next_latents, log_probs, images, pos_all, neg_all = [], [], [], [], [], []
+        negative = policy.encode_prompts([cfg.negative_prompt])  # [1, L, D]
+        for s in range(0, b, cfg.batch_size):
+            e = min(s + cfg.batch_size, b)
+            pos = policy.encode_prompts(prompts[s:e])
+            neg = negative.expand(e - s, -1, -1)
+            x = init[s:e].to(device)
+            before, after, lps = [], [], []
+            for i, t in enumerate(timesteps):
+                tt = t.expand(e - s)
+                eps = policy.predict_noise(x, tt, pos, neg, cfg.guidance_scale)
+                x_next, lp = ddim_step_with_logprob(scheduler, eps, tt, x, cfg.eta, noise=noise[s:e, i])
+                before.append(x)
+                after.append(x_next)
+                lps.append(lp)
+                x = x_next
+            latents.append(torch.stack(before, dim=1))
+            next_latents.append(torch.stack(after, dim=1))
+            log_probs.append(torch.stack(lps, dim=1))
+            images.append(policy.decode(x))
+            pos_all.append(pos)
+            neg_all.append(neg)
+
+        log_probs_t = torch.cat(log_probs)
+        return Rollout(
+            contexts=list(contexts),
+            log_probs=log_probs_t,
+            mask=torch.ones_like(log_probs_t, dtype=torch.bool),
+            data={
+                "latents": torch.cat(latents),
+                "next_latents": torch.cat(next_latents),
+                "timesteps": timesteps.expand(b, n_steps).clone(),
+                "prompt_embeds": torch.cat(pos_all),
+                "negative_prompt_embeds": torch.cat(neg_all).contiguous(),
+            },
+            outputs={"images": torch.cat(images)},
+            meta={"eta": cfg.eta, "guidance_scale": cfg.guidance_scale, "num_steps": n_steps},
+        )
