@@ -26,7 +26,7 @@ from polyrl.plugins.diffusion import (
     ddim_step_with_logprob,
 )
 from polyrl.plugins.diffusion.ddim import ddim_std
-from polyrl.plugins.diffusion.policy import resolve_path
+from polyrl.paths import resolve_path
 
 TINY_SD = Path(polyrl.__file__).resolve().parent.parent / "assets" / "tiny-sd"
 PROMPTS = ["a photo of a cat", "a red circle", "a dog riding a bike", "a blue square"]

@@ -22,10 +22,11 @@ from typing import Literal
 import torch
 
 from polyrl import ConfigError, Policy, Rollout
+from polyrl.paths import REPO_ROOT, resolve_path
 
 from .ddim import ddim_step_with_logprob
 
-__all__ = ["DiffusionPolicy", "DiffusionPolicyConfig", "resolve_path"]
+__all__ = ["DiffusionPolicy", "DiffusionPolicyConfig"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,17 +83,11 @@ class DiffusionPolicyConfig:
 
 
 # ----------------------------------------------------------------------------------- loading
-def _repo_root() -> Path:
-    import polyrl
-
-    return Path(polyrl.__file__).resolve().parent.parent
-
-
 def _candidates(name: str) -> list[str]:
     p = Path(name).expanduser()
     out = [str(p.resolve())]
     if not p.is_absolute():
-        out.append(str(_repo_root() / p))
+        out.append(str(REPO_ROOT / p))
     return out
 
 
@@ -100,20 +95,6 @@ def _must_be_local(name: str) -> bool:
     """Whether ``name`` cannot be a Hub id (``owner/name``): absolute, ``./``-relative, ``~``, or
     more than one path separator."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
-def resolve_path(name: str) -> str:
-    """``name`` if it exists as given; else, for a relative path, the same path under the polyrl
-    checkout if it exists there (so ``assets/tiny-sd`` works from any directory of a dev
-    checkout); else ``name`` unchanged (a Hub id)."""
-    p = Path(name).expanduser()
-    if p.exists():
-        return str(p)
-    if not p.is_absolute():
-        q = _repo_root() / p
-        if q.exists():
-            return str(q)
-    return name
 
 
 def load_pipeline(config: DiffusionPolicyConfig):

@@ -13,7 +13,7 @@ from polyrl.types import ConfigError, Rollout
 def check_batching(name: str, batch_size: int, train_batch_size: int, accumulation: int) -> None:
     """Reject a per-process batch that the micro-batch size and accumulation do not divide."""
     if train_batch_size < 1 or accumulation < 1:
-        raise ConfigError(f"update.train_batch_size and update.gradient_accumulation_batches must be >= 1")
+        raise ConfigError("update.train_batch_size and update.gradient_accumulation_batches must be >= 1")
     if batch_size % train_batch_size:
         raise ConfigError(
             f"update.train_batch_size={train_batch_size} must divide the per-process batch "
