@@ -3,12 +3,15 @@
 A checkpoint is a folder ``checkpoints/iter_NNNNNN/``:
 
 * ``trainable.safetensors``: the policy's trainable tensors (LoRA or full);
-* ``optimizer.pt``: the optimizer state, loaded with ``torch.load(weights_only=True)``;
+* ``optimizer.pt``: the optimizer and learning-rate scheduler states;
 * ``update.pt``: the update algorithm's state (statistics trackers, adaptive coefficients);
+* ``rng.pt``: the global random states (torch, CUDA, Python, NumPy) of the main process;
 * ``trainer.json``: the number of completed iterations and the seed.
 
-All randomness of an iteration is derived from (seed, iteration, process), so these files are all
-a resumed run needs to continue exactly as the uninterrupted run would have.
+``.pt`` files are read with ``torch.load(weights_only=True)``. All randomness of the loop's own
+phases is derived from (seed, iteration, process), so these files are all a resumed run needs to
+continue exactly as the uninterrupted run would have; the global random states are restored too,
+for plugins that draw from them.
 """
 
 from __future__ import annotations
@@ -41,8 +44,7 @@ def save_checkpoint(
     run_dir: str | Path,
     iteration: int,
     trainable: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    update_state: dict[str, Any],
+    states: dict[str, Any],
     extra: dict[str, Any],
     keep: int | None = None,
 ) -> Path:
@@ -53,8 +55,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(update_state, tmp / "update.pt")
+    for name, state in states.items():
+        torch.save(state, tmp / f"{name}.pt")
     (tmp / "trainer.json").write_text(json.dumps({"iteration": iteration, **extra}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -72,9 +74,40 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    return {
+    out: dict[str, Any] = {
         "trainable": load_file(str(path / "trainable.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-        "update": torch.load(path / "update.pt", weights_only=True, map_location="cpu"),
         "trainer": json.loads((path / "trainer.json").read_text()),
     }
+    for f in sorted(path.glob("*.pt")):
+        out[f.stem] = torch.load(f, weights_only=True, map_location="cpu")
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random states, in a form ``torch.load(weights_only=True)`` accepts."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

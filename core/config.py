@@ -130,10 +130,32 @@ class OptimizerConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this before each optimizer step (<= 0 disables)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over iterations after the warm-up (decaying to 0 at the last)."""
+    warmup_iterations: int = 0
+    """Iterations of linear warm-up from 0 to ``lr``."""
 
     def check(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.warmup_iterations < 0:
+            raise ConfigError(f"optimizer.warmup_iterations must be >= 0, got {self.warmup_iterations}")
+
+    def lr_factor(self, iterations: int):
+        """The multiplier of ``lr`` after ``k`` completed iterations (for ``LambdaLR``)."""
+        import math
+
+        warmup, schedule = self.warmup_iterations, self.lr_schedule
+
+        def factor(k: int) -> float:
+            if k < warmup:
+                return (k + 1) / (warmup + 1)
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (k - warmup) / max(1, iterations - warmup))
+            return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return factor
 
 
 @dataclass

@@ -27,7 +27,7 @@ import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .host import Host
 from .prompts import PromptSource
@@ -84,6 +84,7 @@ class Trainer:
             params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay
         )
         self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opt.lr_factor(run.iterations))
         self.phase = "setup"
         self._stop_requested = False
 
@@ -118,13 +119,17 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "trainable": self.policy.trainable_state_dict(),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "optimizer": {
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict(),
+            },
             "update": copy.deepcopy(self.update.state_dict()),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.policy.load_trainable_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        self.scheduler.load_state_dict(state["optimizer"]["scheduler"])
         self.update.load_state_dict(state["update"])
 
     def save(self, iteration: int, state: dict[str, Any] | None = None) -> None:
@@ -133,7 +138,8 @@ class Trainer:
             return
         state = state or self._state()
         save_checkpoint(
-            self.run_dir, iteration, state["trainable"], state["optimizer"], state["update"],
+            self.run_dir, iteration, state["trainable"],
+            {"optimizer": state["optimizer"], "update": state["update"], "rng": rng_state()},
             {"seed": self.config.run.seed}, keep=self.config.run.keep_checkpoints,
         )
 
@@ -143,6 +149,7 @@ class Trainer:
             raise ConfigError(f"--resume: no checkpoint under {str(self.run_dir / 'checkpoints')!r}")
         ckpt = load_checkpoint(path)
         self._restore(ckpt)
+        set_rng_state(ckpt["rng"])
         self.completed = self.iteration = int(ckpt["trainer"]["iteration"])
         metrics = self.run_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and metrics.is_file():  # drop iterations after the checkpoint
@@ -220,6 +227,8 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 t2 = time.perf_counter()
                 snapshot = trainer._state()  # restored if the update fails half-way
                 stats = hook.polyrl_update(trainer=trainer, rollout=rollout, rewards=rewards.total)
+                lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this iteration used
+                trainer.scheduler.step()
                 t3 = time.perf_counter()
                 trainer.phase = "log"
                 trainer.completed = it
@@ -233,6 +242,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                     **{f"reward/{k}": acc.gather(v.to(acc.device)).mean().item() for k, v in rewards.components.items()},
                     **trainer._mean_over_processes(
                         {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+                         "lr": lr,
                          **{k: float(v) for k, v in (stats or {}).items()}}
                     ),
                 }

@@ -78,7 +78,7 @@ def test_run_directory_contents(uninterrupted):
         assert key in rows[0], key
     ckpt = latest_checkpoint(run)
     assert ckpt.name == "iter_000004"
-    assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optimizer.pt", "update.pt", "trainer.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optimizer.pt", "update.pt", "rng.pt", "trainer.json"}
     assert (run / "policy" / "adapter_config.json").is_file()  # peft format
     plugins = json.loads((run / "plugins.json").read_text())
     assert plugins["text"]["distribution"] == "polyrl"
@@ -132,3 +132,69 @@ def test_ctrl_c_stops_after_the_iteration_and_saves(tmp_path):
     assert 1 <= done < 50
     assert latest_checkpoint(run).name == f"iter_{done:06d}"
     assert f"polyrl train --resume {run}" in err
+
+
+class EventRecorder:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    @hookimpl
+    def polyrl_configure(self, config):
+        self.events.append(("configure", config.run.iterations))
+
+    @hookimpl
+    def polyrl_run_start(self, trainer):
+        self.events.append(("run_start", trainer.completed))
+
+    @hookimpl
+    def polyrl_iteration_end(self, trainer, iteration, metrics, rollout):
+        self.events.append(("iteration_end", iteration, rollout.batch_size, round(metrics["reward_mean"], 6)))
+
+    @hookimpl
+    def polyrl_run_end(self, trainer, error):
+        self.events.append(("run_end", type(error).__name__ if error else None))
+
+
+def test_event_hooks_fire_in_order_with_their_arguments(tmp_path):
+    host = Host()
+    rec = EventRecorder()
+    host.register(rec, "events")
+    data = config(tmp_path, "events", iterations=2)
+    train(host.build_config(data), host)
+    rows = metrics(tmp_path / "events")
+    assert rec.events == [
+        ("configure", 2),
+        ("run_start", 0),
+        ("iteration_end", 1, 8, round(rows[0]["reward_mean"], 6)),
+        ("iteration_end", 2, 8, round(rows[1]["reward_mean"], 6)),
+        ("run_end", None),
+    ]
+    host = Host()
+    rec = EventRecorder()
+    host.register(rec, "events")
+    host.register(CrashInUpdate(iteration=1), "crash")
+    with pytest.raises(RuntimeError):
+        train(host.build_config(config(tmp_path, "events-crash", iterations=2)), host)
+    assert rec.events[-1] == ("run_end", "RuntimeError")
+
+
+def test_rewards_are_composed_by_weight_and_logged_each(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "local_plugins"))
+    data = config(tmp_path, "composed", iterations=2)
+    data["plugins"] = ["polyrl_length_plugin"]
+    data["rewards"] = {"sentiment": {"weight": 2.0}, "completion_length": {"weight": -0.05}}
+    host = Host()
+    train(host.build_config(data), host)
+    for row in metrics(tmp_path / "composed"):
+        expected = 2.0 * row["reward/sentiment"] - 0.05 * row["reward/completion_length"]
+        assert row["reward_mean"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert row["reward/completion_length"] > 0
+
+
+def test_lr_schedule_warms_up_and_decays(tmp_path):
+    data = config(tmp_path, "lr", iterations=4)
+    data["optimizer"].update(lr_schedule="linear", warmup_iterations=1, lr=0.01)
+    host = Host()
+    train(host.build_config(data), host)
+    lrs = [r["lr"] for r in metrics(tmp_path / "lr")]
+    assert lrs == pytest.approx([0.005, 0.01, 0.01 * 2 / 3, 0.01 * 1 / 3])
