@@ -5,6 +5,7 @@ A checkpoint is a folder ``checkpoints/iter_NNNNNN/``:
 * ``trainable.safetensors``: the policy's trainable tensors (LoRA or full);
 * ``optimizer.pt``: the optimizer and learning-rate scheduler states;
 * ``update.pt``: the update algorithm's state (statistics trackers, adaptive coefficients);
+* ``rewards.pt``: the state of learned rewards (discriminators, score networks), by reward name;
 * ``rng.pt``: the global random states (torch, CUDA, Python, NumPy) of the main process;
 * ``trainer.json``: the number of completed iterations and the seed.
 

@@ -20,19 +20,33 @@ def polyrl_sample(trainer, contexts):
 
 @hookimpl(trylast=True)
 def polyrl_reward(trainer, rollout):
+    b, t = rollout.log_probs.shape
     components: dict[str, torch.Tensor] = {}
-    total = torch.zeros(rollout.batch_size, dtype=torch.float32)
     with torch.no_grad():
-        for name, weight, fn in trainer.rewards:
+        for name, _, fn in trainer.rewards:
             value = torch.as_tensor(fn(rollout), dtype=torch.float32).detach().cpu()
-            if value.shape != (rollout.batch_size,):
+            if value.shape not in ((b,), (b, t)):
                 raise ValueError(
-                    f"reward {name!r} returned shape {tuple(value.shape)}; expected [{rollout.batch_size}]"
+                    f"reward {name!r} returned shape {tuple(value.shape)}; expected [{b}] or [{b}, {t}] (per step)"
                 )
             if not torch.isfinite(value).all():
                 raise ValueError(f"reward {name!r} returned non-finite values: {value.tolist()}")
             components[name] = value
-            total = total + weight * value
+    return compose_rewards(components, [w for _, w, _ in trainer.rewards], rollout.mask.cpu())
+
+
+def compose_rewards(components: dict[str, torch.Tensor], weights: list[float], mask: torch.Tensor) -> RewardOutput:
+    """Weighted sum of ``[B]`` and ``[B, T]`` components (see :class:`RewardOutput`)."""
+    per_step = any(v.dim() == 2 for v in components.values())
+    b, t = mask.shape
+    total = torch.zeros((b, t) if per_step else (b,), dtype=torch.float32)
+    if per_step:
+        lengths = mask.long().sum(1)
+        last = (lengths - 1).clamp(min=0)
+    for (name, value), weight in zip(components.items(), weights):
+        if per_step and value.dim() == 1:
+            value = torch.zeros(b, t).scatter(1, last.unsqueeze(1), value.unsqueeze(1))
+        total = total + weight * value
     return RewardOutput(total=total, components=components)
 
 

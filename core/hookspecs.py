@@ -99,9 +99,10 @@ def polyrl_sample(trainer: Any, contexts: list[Any]) -> Any:
 def polyrl_reward(trainer: Any, rollout: Any) -> Any:
     """Score the rollout: called once per iteration on every process, after sampling.
 
-    Returns a :class:`polyrl.types.RewardOutput` whose ``total`` is ``[B]`` and whose
-    ``components`` map each configured reward's name to its ``[B]`` unweighted score. The default
-    calls every configured reward under ``torch.no_grad`` and sums them with their weights.
+    Returns a :class:`polyrl.types.RewardOutput` whose ``components`` map each configured reward's
+    name to its unweighted score, ``[B]`` or ``[B, T]`` (per step), and whose ``total`` is their
+    weighted sum (``[B, T]`` if any component is per step, else ``[B]``). The default calls every
+    configured reward under ``torch.no_grad`` and composes them.
     """
 
 
@@ -109,7 +110,9 @@ def polyrl_reward(trainer: Any, rollout: Any) -> Any:
 def polyrl_update(trainer: Any, rollout: Any, rewards: Any) -> Any:
     """Improve the policy: called once per iteration on every process, after the reward.
 
-    ``rewards`` is the ``[B]`` total reward of this process's samples. Returns a ``dict`` of float
+    ``rewards`` is the total reward of this process's samples, ``[B]`` or ``[B, T]`` (per step;
+    sequence-level algorithms sum it over steps). Learned rewards train right after this hook
+    (``Reward.learn``). Returns a ``dict`` of float
     metrics (``loss``, ``approx_kl``, ``clipfrac``...). The default calls the configured update
     algorithm; algorithms gather cross-process statistics themselves, so every process must call it.
     """

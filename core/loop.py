@@ -124,6 +124,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
             },
             "update": copy.deepcopy(self.update.state_dict()),
+            "rewards": {name: copy.deepcopy(fn.state_dict()) for name, _, fn in self.rewards if hasattr(fn, "state_dict")},
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -131,6 +132,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(state["optimizer"]["scheduler"])
         self.update.load_state_dict(state["update"])
+        for name, _, fn in self.rewards:
+            if hasattr(fn, "load_state_dict"):
+                fn.load_state_dict(state.get("rewards", {}).get(name, {}))
 
     def save(self, iteration: int, state: dict[str, Any] | None = None) -> None:
         """Write a checkpoint of the state after ``iteration`` (main process only; no collectives)."""
@@ -139,7 +143,8 @@ class Trainer:
         state = state or self._state()
         save_checkpoint(
             self.run_dir, iteration, state["trainable"],
-            {"optimizer": state["optimizer"], "update": state["update"], "rng": rng_state()},
+            {"optimizer": state["optimizer"], "update": state["update"], "rewards": state["rewards"],
+             "rng": rng_state()},
             {"seed": self.config.run.seed}, keep=self.config.run.keep_checkpoints,
         )
 
@@ -226,22 +231,28 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 trainer.phase = "update"
                 t2 = time.perf_counter()
                 snapshot = trainer._state()  # restored if the update fails half-way
-                stats = hook.polyrl_update(trainer=trainer, rollout=rollout, rewards=rewards.total)
+                stats = dict(hook.polyrl_update(trainer=trainer, rollout=rollout, rewards=rewards.total) or {})
                 lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this iteration used
                 trainer.scheduler.step()
                 t3 = time.perf_counter()
+                for name, _, fn in trainer.rewards:  # learned rewards train on what was just sampled
+                    if hasattr(fn, "learn"):
+                        stats.update({f"reward_learn/{name}/{k}": v for k, v in (fn.learn(trainer, rollout) or {}).items()})
+                t4 = time.perf_counter()
                 trainer.phase = "log"
                 trainer.completed = it
                 snapshot = None
 
-                all_rewards = acc.gather(rewards.total.to(acc.device)).cpu()
+                all_rewards = acc.gather(rewards.per_sample.to(acc.device)).cpu()
+                per_sample = lambda v: v.sum(1) if v.dim() == 2 else v  # noqa: E731
                 metrics = {
                     "iteration": it,
                     "reward_mean": all_rewards.mean().item(),
                     "reward_std": all_rewards.std(unbiased=False).item(),
-                    **{f"reward/{k}": acc.gather(v.to(acc.device)).mean().item() for k, v in rewards.components.items()},
+                    **{f"reward/{k}": acc.gather(per_sample(v).to(acc.device)).mean().item()
+                       for k, v in rewards.components.items()},
                     **trainer._mean_over_processes(
-                        {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+                        {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/learn": t4 - t3,
                          "lr": lr,
                          **{k: float(v) for k, v in (stats or {}).items()}}
                     ),

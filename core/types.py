@@ -130,12 +130,21 @@ class Rollout:
 class RewardOutput:
     """The composed reward of a rollout.
 
-    ``total`` is ``[B]`` (sequence-level) and is the weighted sum of ``components``; each component
-    is ``[B]`` and is logged as ``reward/<name>``.
+    ``total`` is the weighted sum of ``components``; each component is logged as
+    ``reward/<name>`` (its mean per sample). A component is ``[B]`` (one reward per sample, e.g. an
+    image score) or ``[B, T]`` (one reward per step, e.g. environment rewards; zero on masked
+    steps). When any component is per-step, ``total`` is ``[B, T]`` and ``[B]`` components are
+    added at each sample's last valid step; otherwise ``total`` is ``[B]``. ``per_sample`` gives
+    the ``[B]`` return either way.
     """
 
     total: torch.Tensor
     components: dict[str, torch.Tensor]
+
+    @property
+    def per_sample(self) -> torch.Tensor:
+        """``[B]``: the total, summed over steps when it is per step."""
+        return self.total.sum(1) if self.total.dim() == 2 else self.total
 
 
 class Policy(nn.Module):
@@ -151,6 +160,10 @@ class Policy(nn.Module):
       ``steps`` is ``None`` (all ``T`` steps; returns ``[B, T]``) or a LongTensor ``[B, K]`` of step
       indices chosen per sample (returns ``[B, K]``). Diffusion policies use the latter to visit
       timesteps in a shuffled order per sample; language models compute all tokens in one pass.
+      Policies that serve actor-critic updates (PPO) also accept ``with_values=True`` and/or
+      ``with_entropy=True`` and then return a dict ``{"log_probs": [B, K], "values": [B, K],
+      "entropy": [B, K]}`` (the value head is part of the policy module, so its gradients are
+      synchronised like the rest). ``has_value_head`` tells updates whether values exist.
     * ``reference_log_probs(rollout, steps=None)``: the same under the reference policy (the base
       model with the adapter disabled), without gradients.
     * ``trainable_state_dict()`` / ``load_trainable_state_dict(sd)``: the trained weights only,
@@ -159,6 +172,7 @@ class Policy(nn.Module):
     """
 
     modality: str = "any"
+    has_value_head: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -205,16 +219,33 @@ class Sampler:
 
 
 class Reward:
-    """Scores a rollout: ``__call__(rollout) -> [B]`` float tensor (higher is better).
+    """Scores a rollout: ``__call__(rollout) -> [B]`` (or ``[B, T]`` per step) float tensor,
+    higher is better. Called under ``torch.no_grad``.
 
     ``reads`` names the rollout output the reward needs (``"images"``, ``"texts"``); the host
     checks before any model loads that the chosen sampler produces it.
+
+    A *learned* reward (a discriminator, SMILING's score networks) also overrides ``learn``,
+    which the loop calls on every process after each iteration's update with that iteration's
+    rollout, and ``state_dict`` / ``load_state_dict``, which are saved in checkpoints
+    (``rewards.pt``) and restored on resume. Plain rewards leave all three as they are.
     """
 
     reads: str = "any"
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def learn(self, trainer: Any, rollout: Rollout) -> dict[str, float]:
+        """Train on this iteration's rollout (learned rewards only); returns metrics to log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
 
 class Update:

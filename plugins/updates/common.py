@@ -50,6 +50,11 @@ def gather_rewards(trainer, rollout: Rollout, rewards: torch.Tensor) -> tuple[to
     return all_rewards, all_prompts, slice(acc.process_index * b, (acc.process_index + 1) * b)
 
 
+def sequence_rewards(rewards: torch.Tensor) -> torch.Tensor:
+    """``[B]`` returns from ``[B]`` rewards or ``[B, T]`` per-step rewards (summed over steps)."""
+    return rewards.sum(1) if rewards.dim() == 2 else rewards
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1.0)

@@ -20,7 +20,7 @@ import torch
 from polyrl.stats import PerPromptStatTracker
 from polyrl.types import Rollout, Update
 
-from .common import check_batching, gather_rewards, windows
+from .common import sequence_rewards, check_batching, gather_rewards, windows
 
 
 @dataclass
@@ -95,6 +95,7 @@ class DDPO(Update):
 
     def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
+        rewards = sequence_rewards(rewards)
         device = trainer.accelerator.device
         adv = self.advantages(trainer, rollout, rewards)
         self.last_advantages = adv.clone()

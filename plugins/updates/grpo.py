@@ -21,7 +21,7 @@ import torch
 from polyrl.stats import group_advantages
 from polyrl.types import ConfigError, Rollout, Update
 
-from .common import check_batching, windows
+from .common import sequence_rewards, check_batching, windows
 
 
 @dataclass
@@ -95,6 +95,7 @@ class GRPO(Update):
 
     def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
+        rewards = sequence_rewards(rewards)
         device = trainer.accelerator.device
         adv = group_advantages(rewards, [c.group for c in rollout.contexts], scale=cfg.scale_rewards).to(device)
         rollout = rollout.to(device)

@@ -16,7 +16,7 @@ import torch
 from polyrl.stats import group_advantages
 from polyrl.types import Rollout, Update
 
-from .common import check_batching, gather_rewards, windows
+from .common import sequence_rewards, check_batching, gather_rewards, windows
 
 
 @dataclass
@@ -43,6 +43,7 @@ class Reinforce(Update):
 
     def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
+        rewards = sequence_rewards(rewards)
         device = trainer.accelerator.device
         all_rewards, _, mine = gather_rewards(trainer, rollout, rewards)
         local = all_rewards[mine]
