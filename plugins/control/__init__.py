@@ -1,0 +1,1 @@
+"""Continuous control: Gaussian policies, environment sampler, SAC, SMILING and adversarial imitation rewards."""

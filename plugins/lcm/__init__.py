@@ -1,0 +1,1 @@
+"""Latent consistency models (RLCM): policy and sampler for LCM pipelines."""

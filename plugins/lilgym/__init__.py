@@ -1,0 +1,1 @@
+"""lilGym visual-reasoning environments, their program executor, renderer and agents."""

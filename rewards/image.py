@@ -1,0 +1,1 @@
+"""Image rewards: LAION aesthetic predictor and CLIP score."""

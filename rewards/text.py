@@ -1,0 +1,1 @@
+"""Text rewards beyond sentiment: embedding similarity, classifiers, answer checking, length penalties."""
