@@ -5,6 +5,7 @@ from __future__ import annotations
 from polyrl import ComponentSpec, hookimpl
 
 from .jpeg import JpegCompressibility, JpegConfig, JpegIncompressibility
+from .env import EnvReward, EnvRewardConfig
 from .sentiment import SENTIMENT_SPEC
 
 
@@ -28,4 +29,12 @@ def polyrl_rewards():
             description="the JPEG size in kB (quality 95)",
         ),
         SENTIMENT_SPEC,
+        ComponentSpec(
+            "env_reward",
+            lambda cfg, policy=None: EnvReward(cfg),
+            EnvRewardConfig,
+            modality="env",
+            reads=("env_rewards",),
+            description="per-step rewards returned by the environment",
+        ),
     ]
