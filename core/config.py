@@ -59,6 +59,11 @@ class RunSettings:
     """Samples generated per prompt (the group size ``G`` of group methods)."""
     seed: int = 0
     """Seed for everything: prompt order, sampling noise, update shuffles, dropout."""
+    sample_batches: int = 1
+    """Sample each iteration's prompts in this many batches (bounds sampling memory; with
+    ``async_rewards`` a batch's rewards are computed while the next batch samples)."""
+    async_rewards: bool = False
+    """Compute rewards in a background thread, overlapping the sampling of the next batch."""
     output_dir: str = "runs/polyrl"
     """Run directory: resolved config, metrics.jsonl, checkpoints and report. ``{time}`` is
     replaced by the start time (``20260101-120000``)."""
@@ -81,6 +86,12 @@ class RunSettings:
         for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_batches < 1 or self.prompts_per_iteration % self.sample_batches:
+            raise ConfigError(
+                f"run.sample_batches={self.sample_batches} must divide run.prompts_per_iteration="
+                f"{self.prompts_per_iteration}; accepted: "
+                f"{[d for d in range(1, self.prompts_per_iteration + 1) if self.prompts_per_iteration % d == 0]}"
+            )
         if self.report_every < 0:
             raise ConfigError(f"run.report_every must be >= 0, got {self.report_every}")
 

@@ -15,7 +15,7 @@ from .types import RewardOutput
 @hookimpl(trylast=True)
 def polyrl_sample(trainer, contexts):
     with torch.no_grad():
-        return trainer.sampler.sample(trainer.policy, contexts, trainer.generator("sample"))
+        return trainer.sampler.sample(trainer.policy, contexts, trainer.generator(f"sample/{trainer.sample_batch}"))
 
 
 @hookimpl(trylast=True)

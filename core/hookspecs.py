@@ -86,18 +86,21 @@ def polyrl_updates() -> list[Any]:
 # ---------------------------------------------------------------- loop hooks
 @hookspec(firstresult=True)
 def polyrl_sample(trainer: Any, contexts: list[Any]) -> Any:
-    """Produce this iteration's rollout: called once per iteration on every process.
+    """Produce a rollout: called on every process once per sampling batch (``run.sample_batches``
+    per iteration, 1 by default; ``trainer.sample_batch`` is the batch's index).
 
-    Receives ``B`` contexts (``B = prompts_per_iteration * samples_per_prompt``) and returns a
-    :class:`polyrl.types.Rollout` with ``log_probs`` and ``mask`` of shape ``[B, T]``. Runs under
-    ``torch.no_grad``. The default calls the configured sampler with the unwrapped policy and the
-    iteration's sampling generator (``trainer.generator("sample")``).
+    Receives ``B`` contexts (``B = prompts_per_iteration * samples_per_prompt / sample_batches``,
+    whole prompt groups) and returns a :class:`polyrl.types.Rollout` with ``log_probs`` and
+    ``mask`` of shape ``[B, T]``. Runs under ``torch.no_grad``. The default calls the configured
+    sampler with the unwrapped policy and the batch's generator
+    (``trainer.generator(f"sample/{trainer.sample_batch}")``).
     """
 
 
 @hookspec(firstresult=True)
 def polyrl_reward(trainer: Any, rollout: Any) -> Any:
-    """Score the rollout: called once per iteration on every process, after sampling.
+    """Score a rollout: called on every process once per sampling batch, after it is sampled;
+    with ``run.async_rewards`` in a background thread while the next batch samples.
 
     Returns a :class:`polyrl.types.RewardOutput` whose ``components`` map each configured reward's
     name to its unweighted score, ``[B]`` or ``[B, T]`` (per step), and whose ``total`` is their

@@ -19,6 +19,7 @@ import json
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,7 +32,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .config import RunConfig
 from .host import Host
 from .prompts import PromptSource
-from .types import ConfigError, Policy, Rollout
+from .types import ConfigError, Policy, RewardOutput, Rollout
 
 
 def derive_seed(*parts: Any) -> int:
@@ -67,6 +68,7 @@ class Trainer:
         self.accelerator = Accelerator(cpu=run.cpu, mixed_precision=run.mixed_precision)
         self.iteration = 0
         self.completed = 0
+        self.sample_batch = 0
         self.prompts = PromptSource(config.prompts, run.seed)
         torch.manual_seed(derive_seed(run.seed, "init", self.accelerator.process_index))
 
@@ -211,6 +213,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
     bar = tqdm(total=run.iterations, initial=trainer.completed, desc="polyrl", unit="it",
                disable=not (run.progress and acc.is_main_process), dynamic_ncols=True)
     snapshot: dict[str, Any] | None = None
+    reward_pool = ThreadPoolExecutor(1, thread_name_prefix="polyrl-reward") if run.async_rewards else None
     try:
         with trainer._sigint_defers():
             for it in range(trainer.completed + 1, run.iterations + 1):
@@ -222,11 +225,23 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
 
                 trainer.phase = "sample"
                 t0 = time.perf_counter()
-                rollout: Rollout = hook.polyrl_sample(trainer=trainer, contexts=contexts)
+                batches: list[Rollout] = []
+                pending = []  # rewards of earlier batches, computing while the next batch samples
+                size = len(contexts) // run.sample_batches
+                for k in range(run.sample_batches):
+                    trainer.sample_batch = k
+                    batch = hook.polyrl_sample(trainer=trainer, contexts=contexts[k * size : (k + 1) * size])
+                    batches.append(batch)
+                    if reward_pool is not None:
+                        pending.append(reward_pool.submit(hook.polyrl_reward, trainer=trainer, rollout=batch))
 
                 trainer.phase = "reward"
                 t1 = time.perf_counter()
-                rewards = hook.polyrl_reward(trainer=trainer, rollout=rollout)
+                if reward_pool is not None:
+                    scored = [f.result() for f in pending]
+                else:
+                    scored = [hook.polyrl_reward(trainer=trainer, rollout=b) for b in batches]
+                rollout, rewards = Rollout.cat(batches), RewardOutput.cat(scored)
 
                 trainer.phase = "update"
                 t2 = time.perf_counter()
@@ -276,6 +291,8 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                     raise KeyboardInterrupt
     except BaseException as error:
         bar.close()
+        if reward_pool is not None:
+            reward_pool.shutdown(wait=True, cancel_futures=True)
         if trainer.completed > 0 and trainer.phase != "setup":
             if snapshot is not None:  # the update had begun: go back to the state before it
                 trainer._restore(snapshot)
@@ -291,6 +308,8 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
         hook.polyrl_run_end(trainer=trainer, error=error)
         raise
     bar.close()
+    if reward_pool is not None:
+        reward_pool.shutdown()
     policy_dir = trainer.run_dir / "policy"
     if acc.is_main_process:
         trainer.policy.save_pretrained(str(policy_dir))

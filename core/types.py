@@ -115,6 +115,45 @@ class Rollout:
             ref_log_probs=None if self.ref_log_probs is None else pick(self.ref_log_probs),
         )
 
+    @staticmethod
+    def cat(rollouts: Sequence["Rollout"]) -> "Rollout":
+        """One rollout from several sampling batches (samples concatenated in order).
+
+        ``log_probs`` and ``mask`` are padded along ``T`` when the batches differ in length;
+        every other tensor must agree beyond the batch dimension.
+        """
+        if len(rollouts) == 1:
+            return rollouts[0]
+        t = max(r.num_steps for r in rollouts)
+
+        def pad(x: torch.Tensor, value: float | bool) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, t - x.shape[1]), value=value) if x.shape[1] < t else x
+
+        def join(key: str, values: list[Any]) -> Any:
+            first = values[0]
+            if isinstance(first, torch.Tensor):
+                shapes = {tuple(v.shape[1:]) for v in values}
+                if len(shapes) > 1:
+                    raise ValueError(
+                        f"sampling batches disagree on the shape of {key!r}: {sorted(shapes)}; this sampler needs "
+                        "run.sample_batches=1"
+                    )
+                return torch.cat(values)
+            if isinstance(first, list):
+                return [x for v in values for x in v]
+            return first
+
+        first = rollouts[0]
+        return Rollout(
+            contexts=[c for r in rollouts for c in r.contexts],
+            log_probs=torch.cat([pad(r.log_probs, 0.0) for r in rollouts]),
+            mask=torch.cat([pad(r.mask, False) for r in rollouts]),
+            data={k: join(f"data.{k}", [r.data[k] for r in rollouts]) for k in first.data},
+            outputs={k: join(f"outputs.{k}", [r.outputs[k] for r in rollouts]) for k in first.outputs},
+            meta=dict(first.meta),
+            ref_log_probs=None,
+        )
+
     def to(self, device: torch.device | str) -> "Rollout":
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return dataclasses.replace(
@@ -140,6 +179,23 @@ class RewardOutput:
 
     total: torch.Tensor
     components: dict[str, torch.Tensor]
+
+    @staticmethod
+    def cat(outputs: Sequence["RewardOutput"]) -> "RewardOutput":
+        """Rewards of several sampling batches, concatenated (per-step ones padded along ``T``)."""
+        if len(outputs) == 1:
+            return outputs[0]
+
+        def join(values: list[torch.Tensor]) -> torch.Tensor:
+            if values[0].dim() == 2:
+                t = max(v.shape[1] for v in values)
+                values = [torch.nn.functional.pad(v, (0, t - v.shape[1])) for v in values]
+            return torch.cat(values)
+
+        return RewardOutput(
+            total=join([o.total for o in outputs]),
+            components={k: join([o.components[k] for o in outputs]) for k in outputs[0].components},
+        )
 
     @property
     def per_sample(self) -> torch.Tensor:

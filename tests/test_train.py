@@ -57,3 +57,24 @@ def test_embedded_default_raises_the_reward(tmp_path):
     assert last > first + 0.3, (first, last)
     report = (run / "report" / "index.html").read_text()
     assert "reward.png" in report and "iteration 0" in report
+
+
+@pytest.mark.slow
+def test_async_rewards_overlap_sampling_and_change_nothing(tmp_path):
+    args = ["configs/ddpo_tiny_compressibility.yaml", "run.iterations=2", "run.prompts_per_iteration=4",
+            "run.sample_batches=2", "update.train_batch_size=4", "update.gradient_accumulation_batches=1",
+            "sampler.num_steps=3", "run.progress=false", "run.report=false"]
+    run_cli("train", *args, f"run.output_dir={tmp_path / 'sync'}")
+    run_cli("train", *args, f"run.output_dir={tmp_path / 'async'}", "run.async_rewards=true")
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rs]  # noqa: E731
+    assert strip(rows(tmp_path / "sync")) == strip(rows(tmp_path / "async"))
+
+
+def test_sample_batches_must_divide_prompts():
+    from polyrl.cli import default_config
+    from polyrl.config import apply_overrides
+    from polyrl.host import Host
+    from polyrl.types import ConfigError
+
+    with pytest.raises(ConfigError, match=r"run.sample_batches=3 must divide run.prompts_per_iteration=4; accepted: \[1, 2, 4\]"):
+        Host().build_config(apply_overrides(default_config(), ["run.sample_batches=3"]))
