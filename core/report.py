@@ -82,6 +82,26 @@ def _plot_metrics(rows: list[dict[str, float]], out: Path) -> list[str]:
     return files
 
 
+def _stack_grids(records: list[dict[str, Any]], out: Path) -> str | None:
+    """One image with the fixed-seed grid of every recorded iteration as a labelled row."""
+    from PIL import Image, ImageDraw
+
+    rows = [(rec["iteration"], Image.open(out / rec["image"]).convert("RGB")) for rec in records if "image" in rec]
+    if len(rows) < 2:
+        return None
+    label_w = 90
+    width = label_w + max(im.width for _, im in rows)
+    canvas = Image.new("RGB", (width, sum(im.height for _, im in rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for iteration, im in rows:
+        canvas.paste(im, (label_w, y))
+        draw.text((6, y + im.height // 2 - 6), f"iter {iteration}", fill="black")
+        y += im.height
+    canvas.save(out / "samples_over_iterations.png")
+    return "samples_over_iterations.png"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report/index.html`` for a run directory; returns its path."""
     run_dir = Path(run_dir)
@@ -100,8 +120,13 @@ def write_report(run_dir: str | Path) -> Path:
         for f in _plot_metrics(rows, out):
             parts.append(f"<img src='{f}'>")
     parts.append("<h2>Samples at fixed prompts and seeds</h2>")
-    for rec_path in sorted(out.glob("iter_*.json")):
-        rec = json.loads(rec_path.read_text())
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("iter_*.json"))]
+    stacked = _stack_grids(records, out)
+    if stacked:
+        parts.append("<p>Each row: the same prompts and the same noise, at the iteration on its left "
+                     "(first row: before training).</p>")
+        parts.append(f"<img src='{stacked}' style='width:100%'>")
+    for rec in records:
         parts.append(f"<h3>iteration {rec['iteration']}</h3>")
         means = ", ".join(f"{k}: {sum(v) / len(v):.4f}" for k, v in rec["rewards"].items())
         parts.append(f"<p>mean reward of these samples: {html.escape(means)}</p>")
