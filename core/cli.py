@@ -1,4 +1,4 @@
-"""``polyrl`` command line: ``train`` and ``plugins``."""
+"""``polyrl`` command line: ``train``, ``eval``, ``plugins`` and ``config``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.run_dir, samples=args.samples, seed=args.seed, iteration=args.iteration,
+                      baseline=not args.no_baseline, batch=args.batch, plugins=tuple(args.plugin))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     host = _build_host(args.plugin)
     info = host.describe()
@@ -107,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
     p.set_defaults(func=cmd_plugins)
+
+    e = sub.add_parser("eval", help="score a run's trained policy (and its base model) on fixed prompts and seeds")
+    e.add_argument("run_dir")
+    e.add_argument("--samples", type=int, default=32, help="number of samples (prompts are cycled)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    e.add_argument("--iteration", type=int, default=None, help="checkpoint to load (default: latest)")
+    e.add_argument("--batch", type=int, default=16, help="samples per sampling batch")
+    e.add_argument("--no-baseline", action="store_true", help="skip the base model")
+    e.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("config", help="show a component's settings and their documentation")
     c.add_argument("kind", choices=["policy", "sampler", "reward", "update"])

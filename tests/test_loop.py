@@ -198,3 +198,18 @@ def test_lr_schedule_warms_up_and_decays(tmp_path):
     train(host.build_config(data), host)
     lrs = [r["lr"] for r in metrics(tmp_path / "lr")]
     assert lrs == pytest.approx([0.005, 0.01, 0.01 * 2 / 3, 0.01 * 1 / 3])
+
+
+def test_eval_scores_base_and_trained_policy_on_the_same_noise(uninterrupted):
+    from polyrl.evaluate import evaluate
+
+    first = evaluate(uninterrupted, samples=8, seed=1)
+    assert first["iteration"] == 4
+    assert set(first["base"]) == {"reward_mean", "reward/sentiment", "reward/sentiment_std"}
+    assert first["trained"]["reward_mean"] != first["base"]["reward_mean"]
+    again = evaluate(uninterrupted, samples=8, seed=1, baseline=False)
+    assert again["trained"] == first["trained"]  # fixed seeds: the same samples
+    lines = (uninterrupted / "eval" / "trained" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and "text" in json.loads(lines[0])
+    with pytest.raises(ConfigError, match="no checkpoint for iteration 3"):
+        evaluate(uninterrupted, iteration=3)
