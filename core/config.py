@@ -103,26 +103,40 @@ class RunSettings:
 
 @dataclass
 class PromptsConfig:
-    """Where prompts come from. Exactly one of ``items`` and ``file``."""
+    """Where prompts come from. Exactly one of ``items``, ``file`` and ``dataset``."""
 
     items: list[str] | None = None
     """Prompts written inline."""
     file: str | None = None
-    """A text file (one prompt per line) or a JSONL file (``prompt`` column; other columns go to
+    """A text file (one prompt per line) or a JSONL file (``prompt_column``; other columns go to
     rewards as ``Context.extra``)."""
+    dataset: str | None = None
+    """A local dataset: a folder saved by ``datasets``' ``save_to_disk`` (needs the ``datasets``
+    package), or a ``.jsonl`` / ``.json`` / ``.csv`` file, or a folder holding ``<split>.jsonl``
+    (``.json``, ``.csv``). Other columns go to rewards as ``Context.extra``."""
+    prompt_column: str = "prompt"
+    """The column that holds the prompt (JSONL files and datasets)."""
+    split: str = "train"
+    """The split to read from a dataset folder with several splits."""
     shuffle: bool = True
     """Draw prompts in a seeded random order (without replacement within an epoch)."""
 
     def check(self) -> None:
-        if (self.items is None) == (self.file is None):
-            raise ConfigError("prompts: give exactly one of prompts.items (a list) and prompts.file (a path)")
+        if sum(x is not None for x in (self.items, self.file, self.dataset)) != 1:
+            raise ConfigError(
+                "prompts: give exactly one of prompts.items (a list), prompts.file (a path) and prompts.dataset (a path)"
+            )
         if self.items is not None and len(self.items) == 0:
             raise ConfigError("prompts.items is empty")
-        if self.file is not None:
-            from .paths import resolve_path
+        from .paths import resolve_path
 
+        if self.file is not None:
             if not Path(resolve_path(self.file)).is_file():
                 raise ConfigError(f"prompts.file: no such file {self.file!r}")
+        if self.dataset is not None:
+            from .prompts import dataset_source
+
+            dataset_source(Path(resolve_path(self.dataset)), self.split)  # raises ConfigError naming what is wrong
 
 
 @dataclass

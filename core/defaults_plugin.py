@@ -40,9 +40,8 @@ def compose_rewards(components: dict[str, torch.Tensor], weights: list[float], m
     per_step = any(v.dim() == 2 for v in components.values())
     b, t = mask.shape
     total = torch.zeros((b, t) if per_step else (b,), dtype=torch.float32)
-    if per_step:
-        lengths = mask.long().sum(1)
-        last = (lengths - 1).clamp(min=0)
+    if per_step:  # each sample's last valid step (masks may start with forced, untrained steps)
+        last = (t - 1 - mask.long().flip(1).argmax(1)).clamp(min=0)
     for (name, value), weight in zip(components.items(), weights):
         if per_step and value.dim() == 1:
             value = torch.zeros(b, t).scatter(1, last.unsqueeze(1), value.unsqueeze(1))

@@ -12,24 +12,110 @@ from .paths import resolve_path
 from .types import ConfigError, Context
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def dataset_source(path: Path, split: str) -> tuple[str, Path]:
+    """How to read ``prompts.dataset``: ``("disk", folder)`` for a ``datasets`` ``save_to_disk``
+    folder, or ``(suffix, file)`` for a JSONL / JSON / CSV file (a folder's ``<split>.<suffix>``,
+    or its only data file). Raises :class:`ConfigError` naming what is missing."""
+    if path.is_file():
+        if path.suffix not in DATA_SUFFIXES:
+            raise ConfigError(f"prompts.dataset: {str(path)!r} is not a dataset file; accepted: {list(DATA_SUFFIXES)}")
+        return path.suffix, path
+    if not path.is_dir():
+        raise ConfigError(f"prompts.dataset: no such file or folder {str(path)!r}")
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"prompts.dataset: {str(path)!r} was saved by the `datasets` library, which is not installed "
+                "(pip install datasets), or give a .jsonl / .json / .csv file"
+            ) from None
+        return "disk", path
+    for suffix in DATA_SUFFIXES:
+        if (path / f"{split}{suffix}").is_file():
+            return suffix, path / f"{split}{suffix}"
+    files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
+    if len(files) == 1:
+        return files[0].suffix, files[0]
+    raise ConfigError(
+        f"prompts.dataset: {str(path)!r} holds no {split}.jsonl / {split}.json / {split}.csv "
+        f"(prompts.split={split!r}) and not exactly one data file; found {[p.name for p in files]}"
+    )
+
+
+def _read_records(kind: str, path: Path, split: str, where: str) -> list[dict]:
+    """The rows of a dataset file or ``save_to_disk`` folder, as dicts (``where`` prefixes errors)."""
+    if kind == "disk":
+        import datasets
+
+        data = datasets.load_from_disk(str(path))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ConfigError(f"{where}: no split {split!r}; accepted: {sorted(data)}")
+            data = data[split]
+        return [dict(row) for row in data]
+    if kind == ".csv":
+        import csv
+
+        with path.open(newline="") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    if kind == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: not JSON ({e})") from None
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # column-oriented
+            n = {len(v) for v in data.values()}
+            if len(n) > 1:
+                raise ConfigError(f"{where}: its columns differ in length {sorted(n)}")
+            return [{k: v[i] for k, v in data.items()} for i in range(n.pop() if n else 0)]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ConfigError(f"{where}: expected a list of objects or an object of equal-length columns")
+        return data
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} line {n}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where} line {n}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _split_prompt(records: list[dict], column: str, where: str) -> list[tuple[str, dict]]:
+    rows = []
+    for n, row in enumerate(records, 1):
+        if not isinstance(row.get(column), str):
+            raise ConfigError(
+                f"{where} row {n}: needs a string {column!r} column (prompts.prompt_column); its columns: {sorted(row)}"
+            )
+        row = dict(row)
+        rows.append((row.pop(column), row))
+    return rows
+
+
 def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
-    """``(prompt, extra columns)`` pairs from inline items, a text file or a JSONL file."""
+    """``(prompt, extra columns)`` pairs from inline items, a text or JSONL file, or a dataset."""
     if cfg.items is not None:
         return [(p, {}) for p in cfg.items]
+    if cfg.dataset is not None:
+        kind, path = dataset_source(Path(resolve_path(cfg.dataset)), cfg.split)
+        where = f"prompts.dataset {str(path)!r}"
+        rows = _split_prompt(_read_records(kind, path, cfg.split, where), cfg.prompt_column, where)
+        if not rows:
+            raise ConfigError(f"prompts.dataset {str(path)!r} holds no prompts")
+        return rows
     path = Path(resolve_path(cfg.file))  # type: ignore[arg-type]
-    rows: list[tuple[str, dict]] = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"prompts.file {str(path)!r} line {n}: not JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ConfigError(f"prompts.file {str(path)!r} line {n}: needs a string 'prompt' column")
-            prompt = row.pop("prompt")
-            rows.append((prompt, row))
+        where = f"prompts.file {str(path)!r}"
+        rows = _split_prompt(_read_records(".jsonl", path, cfg.split, where), cfg.prompt_column, where)
     else:
         rows = [(line, {}) for line in path.read_text().splitlines() if line.strip()]
     if not rows:

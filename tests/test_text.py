@@ -235,10 +235,12 @@ def test_full_save_pretrained_loads_with_transformers(tmp_path: Path, full: Caus
 
 # ---------------------------------------------------------------------------- plugin and config
 def test_plugin_registration_and_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (policy_spec,) = text_plugin.polyrl_policies()
-    (sampler_spec,) = text_plugin.polyrl_samplers()
-    assert policy_spec.name == "causal_lm" and policy_spec.modality == "text"
-    assert sampler_spec.name == "generate" and sampler_spec.modality == "text" and "texts" in sampler_spec.produces
+    policies = {s.name: s for s in text_plugin.polyrl_policies()}
+    samplers = {s.name: s for s in text_plugin.polyrl_samplers()}
+    assert set(policies) == {"causal_lm", "seq2seq_lm"} and set(samplers) == {"generate", "seq2seq_generate"}
+    policy_spec, sampler_spec = policies["causal_lm"], samplers["generate"]
+    assert policy_spec.modality == "text"
+    assert sampler_spec.modality == "text" and "texts" in sampler_spec.produces
     monkeypatch.chdir(tmp_path)  # "assets/tiny-gpt2" is found relative to the repository root
     policy = policy_spec.factory(CausalLMConfig())
     assert isinstance(policy, CausalLMPolicy) and policy.tokenizer.padding_side == "left"

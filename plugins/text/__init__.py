@@ -1,10 +1,13 @@
-"""Text plugin: causal language models (transformers, full or LoRA) and their sampler.
+"""Text plugin: language models (transformers causal and encoder-decoder LMs, full or LoRA) and
+their samplers.
 
 Components:
 
 * policy ``causal_lm`` (:class:`CausalLMPolicy`, config :class:`CausalLMConfig`);
-* sampler ``generate`` (:class:`TextSampler`, config :class:`TextSamplerConfig`), producing
-  ``texts`` (and ``completion_ids``) for rewards.
+* policy ``seq2seq_lm`` (:class:`Seq2SeqLMPolicy`, same config): T5, BART...;
+* sampler ``generate`` (:class:`TextSampler`, config :class:`TextSamplerConfig`) for causal LMs
+  and ``seq2seq_generate`` (:class:`Seq2SeqSampler`, same config) for encoder-decoder LMs, both
+  producing ``texts`` (and ``completion_ids``) for rewards.
 
 Example run config::
 
@@ -16,16 +19,19 @@ Example run config::
 
 from __future__ import annotations
 
-from polyrl import ComponentSpec, hookimpl
+from polyrl import ComponentSpec, ConfigError, hookimpl
 
 from .logits import SamplingSettings, process_logits, token_log_probs
 from .policy import CausalLMConfig, CausalLMPolicy
 from .sampler import TextSampler, TextSamplerConfig
+from .seq2seq import Seq2SeqLMPolicy, Seq2SeqSampler
 
 __all__ = [
     "CausalLMConfig",
     "CausalLMPolicy",
     "TextSampler",
+    "Seq2SeqLMPolicy",
+    "Seq2SeqSampler",
     "TextSamplerConfig",
     "SamplingSettings",
     "process_logits",
@@ -42,7 +48,14 @@ def polyrl_policies() -> list[ComponentSpec]:
             config_cls=CausalLMConfig,
             modality="text",
             description="transformers causal LM (AutoModelForCausalLM), full fine-tuning or LoRA",
-        )
+        ),
+        ComponentSpec(
+            name="seq2seq_lm",
+            factory=lambda cfg: Seq2SeqLMPolicy(cfg),
+            config_cls=CausalLMConfig,
+            modality="text",
+            description="transformers encoder-decoder LM (AutoModelForSeq2SeqLM: T5, BART), full fine-tuning or LoRA",
+        ),
     ]
 
 
@@ -56,5 +69,28 @@ def polyrl_samplers() -> list[ComponentSpec]:
             modality="text",
             produces=("texts", "completion_ids"),
             description="batched ancestral sampling with KV cache (temperature, top-k, top-p, EOS)",
-        )
+        ),
+        ComponentSpec(
+            name="seq2seq_generate",
+            factory=lambda cfg, policy=None: Seq2SeqSampler(cfg),
+            config_cls=TextSamplerConfig,
+            modality="text",
+            produces=("texts", "completion_ids"),
+            description="encoder once, then batched decoding with KV cache (temperature, top-k, top-p, EOS)",
+        ),
     ]
+
+
+SAMPLER_FOR = {"causal_lm": "generate", "seq2seq_lm": "seq2seq_generate"}
+
+
+@hookimpl
+def polyrl_configure(config) -> None:
+    """A causal LM samples with ``generate``, an encoder-decoder LM with ``seq2seq_generate``."""
+    want = SAMPLER_FOR.get(config.policy.name)
+    other = {v: k for k, v in SAMPLER_FOR.items()}
+    if want is not None and config.sampler.name in other and config.sampler.name != want:
+        raise ConfigError(
+            f"sampler.name: {config.sampler.name!r} samples {other[config.sampler.name]} policies; "
+            f"policy {config.policy.name!r} needs another; accepted: {want!r}"
+        )

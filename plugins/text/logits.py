@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["SamplingSettings", "process_logits", "token_log_probs"]
+__all__ = ["SamplingSettings", "process_logits", "token_log_probs", "action_mask_meta", "top_p_keep", "apply_action_mask"]
 
 
 class SamplingSettings:
@@ -61,3 +61,39 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, settings: Sampli
     """Log-probs ``[...]`` of ``tokens [...]`` under the processed distribution of ``logits [..., V]``."""
     logp = process_logits(logits, settings).log_softmax(dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ------------------------------------------------------------------ NLPO's action mask
+def action_mask_meta(meta: Mapping[str, Any]) -> tuple[float, int] | None:
+    """``(top_p, min_tokens)`` of NLPO's action mask recorded in a rollout's ``meta``, or None."""
+    if "nlpo_top_p" not in meta:
+        return None
+    return float(meta["nlpo_top_p"]), int(meta.get("nlpo_min_tokens", 1))
+
+
+def top_p_keep(mask_logits: torch.Tensor, top_p: float, min_tokens: int, always: int | None = None) -> torch.Tensor:
+    """Bool ``[..., V]``: the tokens NLPO's masking policy allows.
+
+    The smallest set of most likely tokens of ``softmax(mask_logits)`` whose probability reaches
+    ``top_p``, at least ``min_tokens`` of them, plus token ``always`` (EOS), as in RL4LMs'
+    ``learned_top_p`` mask.
+    """
+    sorted_logits, idx = torch.sort(mask_logits.float(), dim=-1, descending=True, stable=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum > top_p
+    remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
+    remove[..., : max(1, min_tokens)] = False
+    keep = ~remove.scatter(-1, idx, remove)
+    if always is not None:
+        keep[..., always] = True
+    return keep
+
+
+def apply_action_mask(processed: torch.Tensor, mask_logits: torch.Tensor, top_p: float, min_tokens: int,
+                      always: int | None = None) -> torch.Tensor:
+    """NLPO's masked policy: the processed logits with tokens outside :func:`top_p_keep` set to
+    ``-inf``. A row whose support would become empty keeps its processed logits."""
+    keep = top_p_keep(mask_logits, top_p, min_tokens, always)
+    masked = processed.masked_fill(~keep, float("-inf"))
+    empty = torch.isinf(masked).all(dim=-1, keepdim=True)
+    return torch.where(empty, processed, masked)

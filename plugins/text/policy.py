@@ -15,7 +15,7 @@ from torch import nn
 from polyrl import ConfigError, Policy, Rollout
 from polyrl.paths import resolve_path
 
-from .logits import SamplingSettings, token_log_probs
+from .logits import SamplingSettings, action_mask_meta, apply_action_mask, process_logits
 
 __all__ = ["CausalLMConfig", "CausalLMPolicy"]
 
@@ -23,11 +23,12 @@ __all__ = ["CausalLMConfig", "CausalLMPolicy"]
 
 @dataclass
 class CausalLMConfig:
-    """A transformers causal LM (``AutoModelForCausalLM``), trained in full or through LoRA."""
+    """A transformers language model (``AutoModelForCausalLM`` for ``causal_lm``,
+    ``AutoModelForSeq2SeqLM`` for ``seq2seq_lm``), trained in full or through LoRA."""
 
     pretrained: str = "assets/tiny-gpt2"
-    """Hub id or local folder of a transformers causal LM (relative folders are also looked up
-    from the polyrl repository root)."""
+    """Hub id or local folder of a transformers causal LM (``causal_lm``) or encoder-decoder LM
+    (``seq2seq_lm``); relative folders are also looked up from the polyrl repository root."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; null for the default."""
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -46,6 +47,9 @@ class CausalLMConfig:
     disable_dropout: bool = True
     """Set every dropout probability of the model to 0, so that log-probs recomputed in training
     mode match the ones recorded while sampling (TRL does the same by default)."""
+    value_head: bool = False
+    """Add a value head for actor-critic updates (ppo, nlpo, dr_po): a trainable linear layer
+    from the last hidden state to a scalar, saved with the trained weights."""
 
     def check(self) -> None:
         if self.lora_rank < 0:
@@ -68,12 +72,20 @@ class CausalLMPolicy(Policy):
     with the sampler's temperature / top-k / top-p (from ``rollout.meta``) so that the log-probs
     are those of the distribution that was actually sampled.
 
+    With ``value_head: true`` the policy is also a critic: ``forward(rollout, with_values=True,
+    with_entropy=True)`` returns ``{"log_probs", "values", "entropy"}``, the values read from the
+    last hidden state at the position that predicts each token. For NLPO, :meth:`set_action_mask`
+    installs a frozen masking policy; rollouts sampled under it are scored under the same mask.
+
     Attributes:
         model: the ``transformers`` model (a ``peft.PeftModel`` when ``lora_rank > 0``).
         tokenizer: its tokenizer (left padding; pad token = EOS when the model has none).
+        value_head: ``nn.Linear(hidden, 1)`` or None.
     """
 
     modality = "text"
+    lora_task_type = "CAUSAL_LM"
+    auto_class = "AutoModelForCausalLM"
 
     def __init__(self, config: CausalLMConfig) -> None:
         super().__init__()
@@ -104,7 +116,7 @@ class CausalLMPolicy(Policy):
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
                 target_modules=config.lora_target_modules,
-                task_type="CAUSAL_LM",
+                task_type=self.lora_task_type,
             )
             try:
                 with warnings.catch_warnings():
@@ -118,17 +130,36 @@ class CausalLMPolicy(Policy):
             model.requires_grad_(True)
         self.model: nn.Module = model
         self._ref_holder: list[nn.Module] = []  # the frozen copy for full fine-tuning, not a submodule
+        self._mask_holder: list[nn.Module] = []  # NLPO's masking policy (a frozen copy), not a submodule
+        self.action_mask: dict[str, float] | None = None  # NLPO's top-p settings while a mask model is set
+        self.value_head: nn.Linear | None = None
+        if config.value_head:
+            hidden = _hidden_size(self._base_model().config)
+            head = nn.Linear(hidden, 1)
+            nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
+            self.value_head = head
         base_forward = inspect.signature(self._base_model().forward).parameters
         self._keep_logits = "logits_to_keep" in base_forward
 
     # ------------------------------------------------------------------ loading
     def _load_base_model(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+        import transformers
 
         dtype = self.config.torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(
-            self.source, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **self._load_kwargs
-        )
+        kwargs = dict(self._load_kwargs)
+        if self.config.disable_dropout:  # models that read dropout rates from the config (T5's attention)
+            model_config = transformers.AutoConfig.from_pretrained(self.source, **self._load_kwargs)
+            _zero_dropout(model_config)
+            kwargs["config"] = model_config
+        try:
+            model = getattr(transformers, self.auto_class).from_pretrained(
+                self.source, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **kwargs
+            )
+        except ValueError as e:
+            if "Unrecognized configuration class" in str(e):
+                raise ConfigError(f"policy.pretrained={self.config.pretrained!r} cannot be loaded as {self.auto_class}: {e}") from None
+            raise
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_token_id
         if self.config.disable_dropout:
@@ -140,6 +171,10 @@ class CausalLMPolicy(Policy):
     def _base_model(self) -> nn.Module:
         """The underlying transformers model (inside the peft wrapper when there is one)."""
         return self.model.get_base_model() if self.is_lora else self.model
+
+    @property
+    def has_value_head(self) -> bool:  # type: ignore[override]
+        return self.value_head is not None
 
     @property
     def is_lora(self) -> bool:
@@ -154,48 +189,132 @@ class CausalLMPolicy(Policy):
         return self.tokenizer.eos_token_id
 
     # ------------------------------------------------------------------ log-probs
-    def _log_probs(self, model: nn.Module, rollout: Rollout, steps: torch.Tensor | None) -> torch.Tensor:
-        """Log-probs ``[B, T]`` (or ``[B, K]`` at ``steps``) of the completion tokens under ``model``.
+    def _evaluate(
+        self,
+        model: nn.Module,
+        rollout: Rollout,
+        steps: torch.Tensor | None,
+        with_values: bool = False,
+        with_entropy: bool = False,
+        mask_model: nn.Module | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Log-probs (and values, entropies) ``[B, T]`` (or ``[B, K]`` at ``steps``) of the
+        completion tokens under ``model``; 0 where ``rollout.mask`` is False.
 
-        Positions where ``rollout.mask`` is False (after EOS) are 0.
+        The distribution is the sampler's (``rollout.meta``: temperature, top-k, top-p and NLPO's
+        action mask, computed with ``mask_model``).
         """
+        device = self.device
+        logits, mask_logits, hidden, tokens = self._forward_parts(model, rollout, with_values, mask_model)
+        mask = rollout.mask.to(device)  # [B, T]
+        settings = SamplingSettings.from_meta(rollout.meta)
+        top = action_mask_meta(rollout.meta)
+        if steps is not None:
+            steps = steps.to(device)
+            pick = lambda x: x.gather(1, steps.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+            logits = pick(logits)
+            mask_logits = pick(mask_logits) if mask_logits is not None else None
+            hidden = pick(hidden) if hidden is not None else None
+            tokens = tokens.gather(1, steps)
+            mask = mask.gather(1, steps)
+        processed = process_logits(logits, settings)
+        if mask_logits is not None:
+            processed = apply_action_mask(processed, mask_logits, top[0], int(top[1]), self.eos_token_id)
+        logp_all = processed.log_softmax(dim=-1)
+        lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        zero = torch.zeros_like(lp)
+        result = {"log_probs": torch.where(mask, lp, zero)}
+        if with_entropy:
+            finite = torch.isfinite(logp_all)  # filtered tokens: p = 0, and no NaN gradient through -inf
+            safe = torch.where(finite, logp_all, torch.zeros_like(logp_all))
+            ent = -(safe.exp() * safe * finite).sum(-1)
+            result["entropy"] = torch.where(mask, ent, zero)
+        if with_values:
+            if self.value_head is None:
+                raise ValueError("with_values=True needs a value head: set policy.value_head: true")
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+            result["values"] = torch.where(mask, values, zero)
+        return result
+
+    def _forward_parts(
+        self, model: nn.Module, rollout: Rollout, with_values: bool, mask_model: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """One pass over prompt + completion: the logits ``[B, T, V]`` that predict the completion
+        tokens, the masking policy's logits (with NLPO's mask), the last hidden states ``[B, T, H]``
+        (``with_values``) and the completion tokens ``[B, T]``."""
         device = self.device
         input_ids = rollout.data["input_ids"].to(device)  # [B, P+T]
         attention_mask = rollout.data["attention_mask"].to(device)  # [B, P+T]
-        mask = rollout.mask.to(device)  # [B, T]
-        T = mask.shape[1]
+        T = rollout.mask.shape[1]
         L = input_ids.shape[1]
         P = L - T
         if P < 1:
             raise ValueError(f"rollout has {L} tokens for {T} completion steps: the prompt is empty")
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False)
         if self._keep_logits:
             kwargs["logits_to_keep"] = T + 1  # only the logits that predict completion tokens
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
-        ).logits
-        logits = logits[:, -(T + 1) : -1]  # [B, T, V]: logits at position P-1+t predict token P+t
-        tokens = input_ids[:, P:]  # [B, T]
-        if steps is not None:
-            steps = steps.to(device)
-            logits = logits.gather(1, steps.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-            tokens = tokens.gather(1, steps)
-            mask = mask.gather(1, steps)
-        lp = token_log_probs(logits, tokens, SamplingSettings.from_meta(rollout.meta))
-        return torch.where(mask, lp, torch.zeros_like(lp))
+        out = model(**kwargs, output_hidden_states=with_values)
+        logits = out.logits[:, -(T + 1) : -1]  # [B, T, V]: logits at position P-1+t predict token P+t
+        mask_logits = None
+        if action_mask_meta(rollout.meta) is not None:
+            if mask_model is None:
+                raise ValueError("the rollout was sampled under an NLPO action mask but no mask model is set")
+            with torch.no_grad():
+                mask_logits = mask_model(**kwargs).logits[:, -(T + 1) : -1]
+        hidden = out.hidden_states[-1][:, -(T + 1) : -1] if with_values else None  # [B, T, H]
+        return logits, mask_logits, hidden, input_ids[:, P:]
 
-    def forward(self, rollout: Rollout, steps: torch.Tensor | None = None) -> torch.Tensor:
+    def _log_probs(self, model: nn.Module, rollout: Rollout, steps: torch.Tensor | None) -> torch.Tensor:
+        return self._evaluate(model, rollout, steps, mask_model=self.mask_model)["log_probs"]
+
+    def forward(
+        self,
+        rollout: Rollout,
+        steps: torch.Tensor | None = None,
+        with_values: bool = False,
+        with_entropy: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Log-probs of the rollout's completion tokens, with gradients.
 
         Args:
             rollout: a text rollout (``data["input_ids"]``, ``data["attention_mask"]``, ``mask``).
             steps: ``None`` for every completion token, or a LongTensor ``[B, K]`` of token indices.
+            with_values: also return the value head's estimate of each state (the prefix before
+                the token).
+            with_entropy: also return the entropy of each step's (processed) distribution.
 
         Returns:
-            ``[B, T]`` (or ``[B, K]``) float32 log-probs; 0 where ``rollout.mask`` is False.
+            ``[B, T]`` (or ``[B, K]``) float32 log-probs, 0 where ``rollout.mask`` is False; with
+            ``with_values`` or ``with_entropy`` a dict with ``log_probs``, ``values``, ``entropy``.
         """
-        return self._log_probs(self.model, rollout, steps)
+        out = self._evaluate(self.model, rollout, steps, with_values, with_entropy, mask_model=self.mask_model)
+        return out if (with_values or with_entropy) else out["log_probs"]
+
+    # ------------------------------------------------------------------ NLPO's masking policy
+    @property
+    def mask_model(self) -> nn.Module | None:
+        """NLPO's masking policy ``pi_psi`` (a frozen copy of the model), or None."""
+        return self._mask_holder[0] if self._mask_holder else None
+
+    def set_action_mask(self, state: dict[str, torch.Tensor] | None, top_p: float = 0.9, min_tokens: int = 100) -> None:
+        """Sample and score under NLPO's action mask: the top-``top_p`` tokens (at least
+        ``min_tokens``, EOS always) of a masking policy whose trained weights are ``state`` (a
+        :meth:`trainable_state_dict`; the current weights when empty). ``None`` removes the mask.
+        """
+        if state is None:
+            self._mask_holder.clear()
+            self.action_mask = None
+            return
+        import copy
+
+        mask_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        state = state if state else self.trainable_state_dict()
+        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        mask_model.load_state_dict(weights, strict=False)
+        self._mask_holder[:] = [mask_model.to(self.device)]
+        self.action_mask = {"top_p": float(top_p), "min_tokens": int(min_tokens)}
 
     @torch.no_grad()
     def reference_log_probs(self, rollout: Rollout, steps: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,7 +348,31 @@ class CausalLMPolicy(Policy):
         With LoRA: a peft adapter folder, loadable with
         ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)``.
         Full fine-tuning: a transformers model folder (``AutoModelForCausalLM.from_pretrained(path)``).
+        A value head is saved beside them as ``value_head.safetensors`` (``weight``, ``bias``).
         """
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        if self.value_head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                      str(Path(path) / "value_head.safetensors"))
+
+
+def _zero_dropout(config: Any, depth: int = 0) -> None:
+    """Set every dropout probability of a transformers config (and its sub-configs) to 0."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+        elif depth < 3 and hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            _zero_dropout(value, depth + 1)
+
+
+def _hidden_size(config: Any) -> int:
+    """The width of a transformers model's last hidden state."""
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"policy.value_head: cannot tell the hidden size of a {type(config).__name__}")

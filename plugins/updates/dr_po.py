@@ -1,0 +1,49 @@
+"""DR-PO: dataset reset policy optimisation (Chang et al., 2024).
+
+PPO (:mod:`polyrl.plugins.updates.ppo`, same settings) on rollouts that start from states of an
+offline dataset: the sampler *resets* a sample to a random prefix of a dataset response (the
+text plugin's ``generate`` with ``sampler.reset_column``), and the policy completes it. The forced
+prefix tokens are part of the text that the reward scores, but they are not actions of the policy:
+the sampler marks them ``mask = False``, so they are left out of the policy loss, the value loss,
+the KL penalty and GAE (whose first state is the reset state).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from polyrl.types import ConfigError, Rollout
+
+from .ppo import PPO
+
+
+def check_reset_sampler(config: Any) -> None:
+    """``dr_po`` needs a sampler that resets to dataset prefixes (``sampler.reset_column``)."""
+    if config.update.name != "dr_po":
+        return
+    params = config.sampler.params
+    if not hasattr(params, "reset_column"):
+        raise ConfigError(
+            f"update 'dr_po' needs a sampler with dataset resets (sampler.reset_column); "
+            f"sampler {config.sampler.name!r} has none; accepted: 'generate', 'seq2seq_generate'"
+        )
+    if not params.reset_column:
+        raise ConfigError(
+            "sampler.reset_column: dr_po resets samples to prefixes of dataset responses; set it to the prompt "
+            "column that holds them (a JSONL prompts file with e.g. {\"prompt\": ..., \"response\": ...})"
+        )
+
+
+class DRPO(PPO):
+    name = "dr_po"
+
+    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        out = super().step(trainer, rollout, rewards)
+        forced = rollout.data.get("forced")
+        if forced is not None:
+            n = forced.sum(1).float()
+            out["reset_fraction"] = (n > 0).float().mean().item()
+            out["reset_length"] = n.mean().item()
+        return out

@@ -1,0 +1,134 @@
+"""NLPO: natural language policy optimisation (Ramamurthy et al., 2023; RL4LMs).
+
+PPO (see :mod:`polyrl.plugins.updates.ppo`) on a *masked* policy: at every step only the tokens in
+the top-``p`` nucleus of a masking policy ``pi_psi`` (at least ``mask_min_tokens`` of them, EOS
+always) may be chosen::
+
+    pi_masked(a | s)  proportional to  pi_theta(a | s) * 1[a in top-p(pi_psi(. | s))]
+
+``pi_psi`` is a frozen copy of the policy, refreshed (``psi <- theta``) every
+``mask_update_interval`` iterations. Sampling and the PPO ratio use the masked policy; the KL
+penalty in the reward measures the *unmasked* ``pi_theta`` against the reference policy.
+
+The policy must support the mask (``set_action_mask``, as ``causal_lm`` does); its sampler
+records the mask settings in the rollout so that log-probs are recomputed under the same mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from polyrl.types import ConfigError, Rollout
+
+from .ppo import PPO, _check_ppo_fields, _check_ppo_run
+
+
+@dataclass
+class NLPOConfig:
+    """Settings of the NLPO update: PPO's (same defaults) and the action mask (RL4LMs' IMDB run)."""
+
+    mask_top_p: float = 0.9
+    """Nucleus of the masking policy: the most likely tokens whose probability reaches this."""
+    mask_min_tokens: int = 100
+    """The mask keeps at least this many tokens at every step."""
+    mask_update_interval: int = 5
+    """Iterations between refreshes of the masking policy (psi <- theta): NLPO's mu."""
+    kl_coef: float = 0.1
+    """Initial weight ``beta`` of the token-level KL penalty in the reward (0 disables it and
+    skips reference passes)."""
+    kl_target: float | None = 0.1
+    """Target of the adaptive KL controller (mean per-step KL); null keeps ``beta`` fixed."""
+    gamma: float = 1.0
+    """Discount of GAE."""
+    lam: float = 0.95
+    """GAE's lambda (1 gives Monte-Carlo returns minus values, 0 one-step TD errors)."""
+    clip_range: float = 0.2
+    """Ratio clip epsilon of the surrogate."""
+    clip_range_value: float | None = 0.2
+    """Clip of the value prediction around the values before the update; null disables it."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    whiten_advantages: bool = True
+    """Normalise the advantages to zero mean and unit variance over the iteration's valid steps."""
+    inner_epochs: int = 4
+    """Optimisation passes over each iteration's samples."""
+    train_batch_size: int = 8
+    """Samples per micro-batch on each process."""
+    gradient_accumulation_batches: int = 1
+    """Micro-batches per optimizer step."""
+
+    def check(self) -> None:
+        _check_ppo_fields(self)
+        if not 0.0 < self.mask_top_p <= 1.0:
+            raise ConfigError(f"update.mask_top_p must be in (0, 1], got {self.mask_top_p}")
+        if self.mask_min_tokens < 1:
+            raise ConfigError(f"update.mask_min_tokens must be >= 1, got {self.mask_min_tokens}")
+        if self.mask_update_interval < 1:
+            raise ConfigError(f"update.mask_update_interval must be >= 1, got {self.mask_update_interval}")
+
+    def check_run(self, cfg: Any) -> None:
+        _check_ppo_run(self, cfg, "nlpo")
+
+
+def unmasked(rollout: Rollout) -> Rollout:
+    """The rollout with NLPO's mask settings removed from ``meta`` (same samples)."""
+    plain = rollout.select(torch.arange(rollout.batch_size))
+    plain.meta = {k: v for k, v in rollout.meta.items() if not k.startswith("nlpo_")}
+    return plain
+
+
+class NLPO(PPO):
+    name = "nlpo"
+
+    def __init__(self, cfg: NLPOConfig) -> None:
+        super().__init__(cfg)
+        self.mask_state: dict[str, torch.Tensor] | None = None  # trained weights of pi_psi
+
+    def run_start(self, trainer) -> None:
+        """Install the masking policy: the restored one, or a copy of the initial policy."""
+        policy = trainer.policy
+        if not hasattr(policy, "set_action_mask"):
+            raise ConfigError(
+                f"update 'nlpo' needs a policy with a token action mask (causal_lm, seq2seq_lm); "
+                f"{type(policy).__name__} has none"
+            )
+        if self.mask_state is None:
+            self.mask_state = policy.trainable_state_dict()
+        policy.set_action_mask(self.mask_state, self.cfg.mask_top_p, self.cfg.mask_min_tokens)
+
+    def kl_rollout(self, trainer, rollout: Rollout) -> tuple[Rollout, torch.Tensor]:
+        if trainer.policy.mask_model is None:
+            self.run_start(trainer)
+        plain = unmasked(rollout)
+        n = self.cfg.train_batch_size
+        with torch.no_grad():  # log pi_theta_old, unmasked, in micro-batches
+            old = torch.cat([trainer.policy(plain.select(torch.arange(i, min(i + n, plain.batch_size))))
+                             for i in range(0, plain.batch_size, n)])
+        return plain, old
+
+    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        if "nlpo_top_p" not in rollout.meta:
+            raise ValueError(
+                "nlpo: the rollout was not sampled under the action mask; the sampler must support NLPO "
+                "(the text plugin's 'generate' does)"
+            )
+        return super().step(trainer, rollout, rewards)
+
+    def after_step(self, trainer) -> dict[str, float]:
+        if trainer.iteration % self.cfg.mask_update_interval == 0:
+            self.mask_state = trainer.policy.trainable_state_dict()
+            trainer.policy.set_action_mask(self.mask_state, self.cfg.mask_top_p, self.cfg.mask_min_tokens)
+            return {"mask_refreshed": 1.0}
+        return {"mask_refreshed": 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mask_state": dict(self.mask_state or {})}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.mask_state = dict(state["mask_state"]) or None

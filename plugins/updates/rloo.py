@@ -1,0 +1,132 @@
+"""RLOO: REINFORCE leave-one-out (Kool et al., 2019; Ahmadian et al., 2024), in the form of TRL's
+RLOOTrainer.
+
+``G`` samples per prompt; each sample's reward carries the sequence KL to the reference policy,
+``r_i = R_i - kl_coef * sum_t (log pi_old - log pi_ref)``, and its baseline is the mean reward of
+the *other* ``G - 1`` samples of its group::
+
+    A_i = r_i - (sum_j r_j - r_i) / (G - 1)
+
+The loss is PPO's clipped surrogate on the *sequence* ratio
+``rho = exp(sum_t (log pi - log pi_old))``::
+
+    loss = mean_i max(-A_i * rho_i, -A_i * clip(rho_i, 1 - eps, 1 + eps))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from polyrl.types import ConfigError, Rollout, Update
+
+from .common import check_batching, sequence_rewards, windows
+
+
+@dataclass
+class RLOOConfig:
+    """Settings of the RLOO update (defaults follow TRL's RLOOTrainer)."""
+
+    kl_coef: float = 0.05
+    """Weight of the sequence KL to the reference policy subtracted from each reward (0 disables
+    it and skips reference passes)."""
+    clip_range: float = 0.2
+    """Clip epsilon of the sequence-level ratio."""
+    normalize_advantages: bool = False
+    """Divide the leave-one-out advantages by their std over the iteration's samples (all processes)."""
+    inner_epochs: int = 4
+    """Optimisation passes over each iteration's samples."""
+    train_batch_size: int = 8
+    """Samples per micro-batch on each process."""
+    gradient_accumulation_batches: int = 1
+    """Micro-batches per optimizer step."""
+
+    def check(self) -> None:
+        if self.kl_coef < 0:
+            raise ConfigError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.clip_range <= 0:
+            raise ConfigError(f"update.clip_range must be > 0, got {self.clip_range}")
+        if self.inner_epochs < 1:
+            raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
+
+    def check_run(self, cfg: Any) -> None:
+        if cfg.run.samples_per_prompt < 2:
+            raise ConfigError(
+                f"run.samples_per_prompt={cfg.run.samples_per_prompt}: rloo's baseline is the mean of the other "
+                "samples of a prompt; accepted: any integer >= 2"
+            )
+        check_batching("rloo", cfg.run.batch_size, self.train_batch_size, self.gradient_accumulation_batches)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    """``A_i = r_i - mean of the other rewards of i's group``; ``[B]`` from ``[B]``."""
+    rewards = rewards.float()
+    gid = torch.as_tensor(list(groups), device=rewards.device)
+    adv = torch.empty_like(rewards)
+    for g in torch.unique(gid):
+        idx = (gid == g).nonzero(as_tuple=True)[0]
+        r = rewards[idx]
+        n = r.numel()
+        if n < 2:
+            raise ValueError(f"rloo: group {int(g)} has a single sample; the leave-one-out baseline needs >= 2")
+        adv[idx] = r - (r.sum() - r) / (n - 1)
+    return adv
+
+
+def rloo_loss(
+    logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, clip_range: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate on sequence ratios. ``logp``, ``old``, ``mask`` ``[b, T]``; ``adv`` ``[b]``."""
+    m = mask.to(logp.dtype)
+    log_ratio = ((logp - old) * m).sum(1)  # [b]
+    ratio = torch.exp(log_ratio)
+    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+    loss = pg.mean()
+    with torch.no_grad():
+        stats = {
+            "approx_kl": (0.5 * log_ratio.detach() ** 2).mean().item(),
+            "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
+        }
+    return loss, stats
+
+
+class RLOO(Update):
+    def __init__(self, cfg: RLOOConfig) -> None:
+        self.cfg = cfg
+
+    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        acc = trainer.accelerator
+        device = acc.device
+        rollout = rollout.to(device)
+        rewards = sequence_rewards(rewards).float().to(device)
+        out: dict[str, float] = {}
+        if cfg.kl_coef > 0:
+            ref = trainer.policy.reference_log_probs(rollout)
+            kl = ((rollout.log_probs - ref) * rollout.mask.float()).sum(1)  # [B]
+            rewards = rewards - cfg.kl_coef * kl
+            out["kl_ref"] = kl.mean().item()
+        adv = leave_one_out_advantages(rewards, [c.group for c in rollout.contexts])
+        if cfg.normalize_advantages:
+            all_adv = acc.gather(adv) if acc.num_processes > 1 else adv
+            adv = adv / (all_adv.std() + 1e-8)
+        out["advantage_abs_mean"] = adv.abs().mean().item()
+        g = trainer.generator("update")
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        for _ in range(cfg.inner_epochs):
+            perm = torch.randperm(rollout.batch_size, generator=g)
+            for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
+                for k, idx in enumerate(window, 1):
+                    mb = rollout.select(idx)
+                    with trainer.no_sync(sync=k == len(window)):
+                        logp = trainer.model(mb)
+                        loss, step_stats = rloo_loss(logp, mb.log_probs, mb.mask, adv[idx.to(device)], cfg.clip_range)
+                        trainer.backward(loss / len(window))
+                    stats["loss"].append(loss.item())
+                    for key, value in step_stats.items():
+                        stats[key].append(value)
+                stats["grad_norm"].append(trainer.optimizer_step())
+        out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
+        return out
