@@ -1,1 +1,111 @@
-"""lilGym visual-reasoning environments, their program executor, renderer and agents."""
+"""lilGym: natural-language visual reasoning environments (Wu et al., ACL 2023), clean-room.
+
+* gymnasium environments ``polyrl/TowerScratch-v0``, ``polyrl/TowerFlipIt-v0``,
+  ``polyrl/ScatterScratch-v0``, ``polyrl/ScatterFlipIt-v0`` (:mod:`.env`; registered when this
+  package is imported, see :mod:`.registration`);
+* a safe executor for the statements' programs (:mod:`.executor`, over the world DSL of
+  :mod:`.dsl` and :mod:`.world`), a PIL renderer (:mod:`.render`), the action sets (:mod:`.actions`)
+  and the data loader and downloader (:mod:`.data`).
+
+polyrl components (select them in a run config):
+
+* sampler ``lilgym``: episodes of a task with the current policy (env rewards per step);
+* policy ``lilgym_cnn``: factorised categorical policy on a CNN plus a sentence encoder;
+* policy ``lilgym_lm`` and sampler ``lilgym_text``: a causal LM that writes each action as text
+  (:mod:`.lm`), trained with the text updates over multi-turn episodes;
+* rewards ``lilgym_success`` and ``lilgym_steps``: the episode's success and length (weight 0 logs
+  the success rate and the mean episode length).
+
+The environment reward is ``env_reward`` from :mod:`polyrl.rewards`. Example::
+
+    prompts: {items: [TowerScratch]}
+    policy:  {name: lilgym_cnn, appearance: tower}
+    sampler: {name: lilgym, task: TowerScratch, split: train}
+    rewards: {env_reward: {weight: 1.0}, lilgym_success: {weight: 0.0}}
+    update:  {name: ppo, kl_coef: 0.0}
+"""
+
+from __future__ import annotations
+
+from polyrl import ComponentSpec, hookimpl
+from polyrl.types import ConfigError
+
+from .registration import register_envs
+
+register_envs()
+
+__all__ = ["register_envs"]
+
+
+@hookimpl
+def polyrl_policies():
+    from .lm import LilGymLMConfig, LilGymLMPolicy
+    from .policy import LilGymCNNConfig, LilGymCNNPolicy
+
+    return [
+        ComponentSpec("lilgym_cnn", LilGymCNNPolicy, LilGymCNNConfig, modality="env",
+                      description="lilGym agent: CNN over the image + transformers sentence encoder, factorised masked actions, value head"),
+        ComponentSpec("lilgym_lm", LilGymLMPolicy, LilGymLMConfig, modality="env",
+                      description="lilGym agent: a causal LM that reads the sentence and the world in words and writes the action"),
+    ]
+
+
+@hookimpl
+def polyrl_samplers():
+    from .lm import LilGymTextSampler, LilGymTextSamplerConfig
+    from .sampler import LilGymSampler, LilGymSamplerConfig
+
+    return [
+        ComponentSpec("lilgym", lambda cfg, policy=None: LilGymSampler(cfg, policy), LilGymSamplerConfig,
+                      modality="env", produces=("env_rewards", "lilgym_success", "episode_lengths", "images", "texts"),
+                      description="lilGym episodes (TowerScratch, TowerFlipIt, ScatterScratch, ScatterFlipIt) with action masks"),
+        ComponentSpec("lilgym_text", lambda cfg, policy=None: LilGymTextSampler(cfg, policy), LilGymTextSamplerConfig,
+                      modality="env", produces=("env_rewards", "lilgym_success", "episode_lengths", "texts"),
+                      description="multi-turn lilGym episodes for a language-model agent (actions written as text)"),
+    ]
+
+
+@hookimpl
+def polyrl_rewards():
+    from .rewards import LilGymSteps, LilGymStepsConfig, LilGymSuccess, LilGymSuccessConfig
+
+    return [
+        ComponentSpec("lilgym_success", lambda cfg, policy=None: LilGymSuccess(cfg), LilGymSuccessConfig,
+                      modality="env", reads=("lilgym_success",),
+                      description="1 for a successful lilGym episode (weight 0 to log the success rate)"),
+        ComponentSpec("lilgym_steps", lambda cfg, policy=None: LilGymSteps(cfg), LilGymStepsConfig,
+                      modality="env", reads=("episode_lengths",),
+                      description="environment steps of each lilGym episode (weight 0 to log the mean episode length)"),
+    ]
+
+
+@hookimpl(wrapper=True)
+def polyrl_sample(trainer, contexts):
+    """Tell a lilGym sampler which training iteration it samples (for its stop-forcing schedule)."""
+    sampler = getattr(trainer, "sampler", None)
+    if hasattr(sampler, "stop_forcing_now"):
+        sampler.iteration = int(trainer.iteration)
+    return (yield)
+
+
+@hookimpl
+def polyrl_configure(config):
+    """The lilGym samplers' task and the lilGym policies' action set must agree."""
+    if config.sampler.name not in ("lilgym", "lilgym_text"):
+        return
+    from .data import TASKS
+
+    pairs = {"lilgym_cnn": "lilgym", "lilgym_lm": "lilgym_text"}
+    wanted = pairs.get(config.policy.name)
+    if wanted is not None and wanted != config.sampler.name:
+        raise ConfigError(
+            f"sampler.name: policy {config.policy.name!r} plays episodes through sampler {wanted!r}, "
+            f"not {config.sampler.name!r}; accepted pairs: {pairs}"
+        )
+    appearance = TASKS[config.sampler.params.task][0]
+    policy_appearance = getattr(config.policy.params, "appearance", None)
+    if config.policy.name.startswith("lilgym") and policy_appearance not in (None, appearance):
+        raise ConfigError(
+            f"policy.appearance={policy_appearance!r} does not match sampler.task={config.sampler.params.task!r} "
+            f"({appearance}); set policy.appearance: {appearance}"
+        )
