@@ -55,14 +55,19 @@ NOTES = """
   only. The statements' programs run in a whitelisting AST interpreter, which returns the NLVR label on every
   one of the 989 FlipIt dev worlds (676 tower, 313 scatter).
 - **Return** is the mean episode return of the sampled policy: the quantity PPO maximises.
+- **FlipIt data**: only the dev split of FlipIt is distributed with the offline data, so the FlipIt agent
+  trains on the start worlds of one side of a fixed partition of the dev statements (`statements: fit`, by a
+  hash of the sentence) and every FlipIt number above is measured on the other side (`statements: heldout`).
+  With lilGym's FlipIt train split in the data folder, set `sampler.split: train, sampler.statements: all`.
 - **TowerScratch**: under lilGym's rewards, stopping at once (return -0.95; 2.5% of the dev statements hold on
   the empty world) is worth more than wandering (random: about -1.1), and building the world a statement asks
   for pays only to an agent that understands the statement. Within this CPU budget the CNN agent does not
   learn that: it improves its return over random by learning to stop early, which lowers its success rate.
-  Variants tried on the same budget did no better on dev without stop forcing: no stop forcing (collapses to
-  stopping at once), stop forcing without recording the forced STOP (reaches goal states in 60% of training
-  episodes, but never stops by itself: 0%), a stop-forcing curriculum. lilGym's own PPO baselines train for
-  millions of steps with BERT or ViLT features.
+  Variants run separately on similar budgets (up to about 150 iterations; not rerun by this script) did no
+  better on dev without stop forcing: no stop forcing (collapses to stopping at once), stop forcing without
+  recording the forced STOP (reaches a goal state in 60% of training episodes but never stops by itself: 0%),
+  a curriculum from stop forcing to none, a lower STOP prior (`policy.initial_stop_logit`). lilGym's own PPO
+  baselines train for millions of steps with BERT or ViLT features.
 - **TowerFlipIt**: stopping at once always fails (the start world has the wrong value), so changing the world
   pays off early and PPO improves the success rate well beyond random on statements it never saw.
 - **Language-model agent**: the tiny GPT-2 of `assets/` was trained on product reviews; it writes review prose,
@@ -150,7 +155,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "Produced by `python scripts/lilgym_results.py "
         + " ".join(["--tasks", *args.tasks, "--threads", str(args.threads)]) + "`"
-        + f" on {results['machine']} (PyTorch {results['torch']}, {args.threads} CPU thread(s)).",
+        + f" on {results['machine']} (PyTorch {results['torch']}).",
         "",
         "Success rate: the fraction of episodes that end with a positive reward (a STOP while the",
         "statement's program has the target value), over every example of the evaluation split, once each,",
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
-    results: dict[str, Any] = {"machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} thread(s)",
+    results: dict[str, Any] = {"machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} CPU thread",
                                "torch": torch.__version__, "tasks": {}, "notes": []}
     for task in args.tasks:
         rows = random_baselines(task, args.seeds)

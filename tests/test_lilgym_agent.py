@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from polyrl.host import Host
-from polyrl.plugins.lilgym import actions as A
 from polyrl.plugins.lilgym.evaluate import RandomPolicy, evaluate_split
 from polyrl.plugins.lilgym.policy import NEG, LilGymCNNConfig, LilGymCNNPolicy, action_log_prob_table
 from polyrl.plugins.lilgym.sampler import LilGymSampler, LilGymSamplerConfig, select_statements
@@ -237,7 +236,9 @@ def test_lm_agent_plays_a_parsed_action():
     assert r.outputs["lilgym_success"][0] == 1.0 and r.outputs["env_rewards"][0].sum() == pytest.approx(0.9)
 
 
-def test_lm_agent_trains_through_the_loop_with_grpo(tmp_path):
+@pytest.mark.parametrize("update", [{"name": "grpo", "train_batch_size": 2},
+                                    {"name": "ppo", "train_batch_size": 2, "kl_coef": 0.05, "inner_epochs": 1}])
+def test_lm_agent_trains_through_the_loop(tmp_path, update):
     from polyrl.loop import train
 
     host = Host()
@@ -245,14 +246,17 @@ def test_lm_agent_trains_through_the_loop_with_grpo(tmp_path):
         "run": {"iterations": 1, "prompts_per_iteration": 2, "samples_per_prompt": 2, "output_dir": str(tmp_path / "lm"),
                 "cpu": True, "report": False, "progress": False},
         "prompts": {"items": ["TowerScratch"]},
-        "policy": {"name": "lilgym_lm", "max_action_tokens": 4},
+        "policy": {"name": "lilgym_lm", "max_action_tokens": 4, "value_head": update["name"] == "ppo"},
         "sampler": {"name": "lilgym_text", "task": "TowerScratch", "split": "dev", "data_dir": str(FIXTURES)},
-        "rewards": {"env_reward": {"weight": 1.0}, "lilgym_success": {"weight": 0.0}},
-        "update": {"name": "grpo", "train_batch_size": 2},
+        "rewards": {"env_reward": {"weight": 1.0}, "lilgym_success": {"weight": 0.0}, "lilgym_steps": {"weight": 0.0}},
+        "update": update,
     })
     train(cfg, host)
     row = json.loads((tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["iteration"] == 1 and "loss" in row and "reward/lilgym_success" in row
+    assert row["reward/lilgym_steps"] >= 1.0  # turns per episode
+    if update["name"] == "ppo":
+        assert "vf_loss" in row and "kl_ref" in row  # value head and reference policy of the LM
 
 
 def test_policies_and_samplers_must_pair(tmp_path):

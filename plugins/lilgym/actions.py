@@ -442,12 +442,11 @@ def apply(appearance: str, rep: Sequence[Sequence[dict[str, Any]]], index: int) 
     obj = {"x_loc": bx, "y_loc": by, "type": SHAPE_VALUES[a.shape], "color": COLOR_VALUES[a.color], "size": SIZE_VALUES[a.size]}
     # sticky placement: an item less than 5 pixels from another one is moved to touch it
     shape = _item_shape(obj)
-    closest, closest_d, nearest = None, BOX_SIZE, None
+    closest_d, nearest = BOX_SIZE, None
     for o in items:
-        other = _item_shape(o)
-        d, p_new, p_old = _nearest_points(shape, other, within=ALMOST_TOUCHING_MARGIN + 1)
+        d, p_new, p_old = _nearest_points(shape, _item_shape(o), within=ALMOST_TOUCHING_MARGIN + 1)
         if d < ALMOST_TOUCHING_MARGIN + 1 and int(d) < closest_d:
-            closest, closest_d, nearest = other, int(d), (p_new, p_old)
+            closest_d, nearest = int(d), (p_new, p_old)
     if nearest is not None:
         p_new, p_old = nearest
         x_min, y_min = shape.bounds[:2]
