@@ -31,7 +31,10 @@ def record_samples(trainer: Any, tag: int) -> None:
     trainer.policy.eval()
     with torch.no_grad():
         rollout = trainer.sampler.sample(trainer.policy, contexts, g)
-        scores = {name: fn(rollout).float().cpu().tolist() for name, _, fn in trainer.rewards}
+        scores = {}
+        for name, _, fn in trainer.rewards:
+            value = torch.as_tensor(fn(rollout)).float().cpu()
+            scores[name] = (value.sum(1) if value.dim() == 2 else value).tolist()  # per-step: episode return
     trainer.policy.train(was_training)
     record: dict[str, Any] = {"iteration": tag, "prompts": [c.prompt for c in contexts], "rewards": scores}
     if "images" in rollout.outputs:
