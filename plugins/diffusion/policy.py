@@ -66,20 +66,35 @@ class DiffusionPolicyConfig:
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
-        if not self.pretrained:
-            raise ConfigError("policy.pretrained is empty: give a Hub id or a diffusers pipeline folder")
-        if self.lora_rank < 1:
-            raise ConfigError(f"policy.lora_rank must be >= 1, got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ConfigError(f"policy.lora_alpha must be > 0 (or null for lora_rank), got {self.lora_alpha}")
-        if not self.train_full_unet and not self.lora_target_modules:
-            raise ConfigError("policy.lora_target_modules is empty: name the UNet modules that get LoRA layers")
-        resolved = resolve_path(self.pretrained)
-        if not Path(resolved).exists() and _must_be_local(self.pretrained):
+        check_policy_settings(self, "a Stable-Diffusion-1.x diffusers pipeline folder")
+
+    def check_run(self, cfg) -> None:
+        """The ``diffusion`` policy rescores DDIM steps: the ``lcm`` sampler's rollouts do not fit it."""
+        if cfg.sampler.name == "lcm":
             raise ConfigError(
-                f"policy.pretrained: no such folder {self.pretrained!r} (looked in {_candidates(self.pretrained)}); "
-                "a Hub id (owner/name) or a diffusers pipeline folder is accepted"
+                "sampler.name: policy 'diffusion' is trained on DDIM steps and is sampled by 'ddim', not 'lcm' "
+                "(for a latent consistency model use policy 'lcm' with sampler 'lcm')"
             )
+
+
+def check_policy_settings(cfg, what: str) -> None:
+    """Checks shared by the diffusers-pipeline policy configs (``diffusion``, ``lcm``): the fields
+    ``pretrained``, ``lora_rank``, ``lora_alpha``, ``lora_target_modules``, ``train_full_unet``.
+    ``what`` names the accepted kind of folder in the error messages."""
+    if not cfg.pretrained:
+        raise ConfigError(f"policy.pretrained is empty: give a Hub id or {what}")
+    if cfg.lora_rank < 1:
+        raise ConfigError(f"policy.lora_rank must be >= 1, got {cfg.lora_rank}")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ConfigError(f"policy.lora_alpha must be > 0 (or null for lora_rank), got {cfg.lora_alpha}")
+    if not cfg.train_full_unet and not cfg.lora_target_modules:
+        raise ConfigError("policy.lora_target_modules is empty: name the UNet modules that get LoRA layers")
+    resolved = resolve_path(cfg.pretrained)
+    if not Path(resolved).exists() and _must_be_local(cfg.pretrained):
+        raise ConfigError(
+            f"policy.pretrained: no such folder {cfg.pretrained!r} (looked in {_candidates(cfg.pretrained)}); "
+            f"a Hub id (owner/name) or {what} is accepted"
+        )
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -97,22 +112,25 @@ def _must_be_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
-def load_pipeline(config: DiffusionPolicyConfig):
-    """``StableDiffusionPipeline.from_pretrained`` for ``config.pretrained`` with a clear error.
+def load_pipeline(config, pipeline_class: str = "StableDiffusionPipeline"):
+    """``<pipeline_class>.from_pretrained`` for ``config.pretrained`` with a clear error.
 
-    The safety checker is never loaded (rewards see the raw images).
+    ``pipeline_class`` names a diffusers pipeline class (``StableDiffusionPipeline``,
+    ``LatentConsistencyModelPipeline``). The safety checker is never loaded (rewards see the raw
+    images).
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
+    cls = getattr(diffusers, pipeline_class)
     source = resolve_path(config.pretrained)
     local = Path(source).exists()
     if local and not (Path(source) / "model_index.json").is_file():
         raise FileNotFoundError(
             f"policy.pretrained: {source!r} is a folder but not a diffusers pipeline (no model_index.json); "
-            "a Hub id or a diffusers Stable-Diffusion pipeline folder is accepted"
+            f"a Hub id or a diffusers pipeline folder loadable by {pipeline_class} is accepted"
         )
     try:
-        return StableDiffusionPipeline.from_pretrained(
+        return cls.from_pretrained(
             source,
             revision=None if local else config.revision,
             variant=config.variant,
@@ -127,7 +145,7 @@ def load_pipeline(config: DiffusionPolicyConfig):
         raise OSError(
             f"policy.pretrained: cannot load {config.pretrained!r}: it is not a local folder (looked in "
             f"{_candidates(config.pretrained)}) and loading it as a Hub id failed ({type(e).__name__}: {e}). "
-            "A Hub id or a diffusers Stable-Diffusion pipeline folder is accepted."
+            f"A Hub id or a diffusers pipeline folder loadable by {pipeline_class} is accepted."
         ) from e
 
 
@@ -142,14 +160,15 @@ class DiffusionPolicy(Policy):
     """
 
     modality = "image"
+    pipeline_class = "StableDiffusionPipeline"
+    """The diffusers pipeline class that loads ``config.pretrained``."""
 
     def __init__(self, config: DiffusionPolicyConfig | None = None) -> None:
         super().__init__()
-        from diffusers import DDIMScheduler
-
         self.config = config = config or DiffusionPolicyConfig()
-        pipe = load_pipeline(config)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe = load_pipeline(config, self.pipeline_class)
+        pipe.scheduler = self.make_scheduler(pipe.scheduler.config)
+        self.check_pipeline(pipe)
         pipe.set_progress_bar_config(disable=True)
 
         self.unet = pipe.unet
@@ -184,6 +203,16 @@ class DiffusionPolicy(Policy):
                 )
         # a plain attribute (DiffusionPipeline is not an nn.Module): not registered a second time
         self.pipeline = pipe
+
+    def make_scheduler(self, config):
+        """The scheduler the policy samples with, built from the checkpoint's scheduler config
+        (a ``DDIMScheduler``)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(config)
+
+    def check_pipeline(self, pipe) -> None:
+        """Reject a loaded pipeline this policy cannot train (subclasses add checks)."""
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -321,13 +350,12 @@ class DiffusionPolicy(Policy):
         if self.config.train_full_unet:
             self.unet.save_pretrained(out / "unet", safe_serialization=True)
             return
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
         lora = {k: v.detach().cpu().contiguous() for k, v in lora.items()}
-        StableDiffusionPipeline.save_lora_weights(
+        type(self.pipeline).save_lora_weights(
             save_directory=str(out),
             unet_lora_layers=lora,
             unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
