@@ -52,9 +52,10 @@ def test_embedded_default_raises_the_reward(tmp_path):
     run = tmp_path / "default"
     run_cli("train", f"run.output_dir={run}", "run.progress=false")
     metrics = rows(run)
-    first = sum(m["reward_mean"] for m in metrics[:3]) / 3
-    last = sum(m["reward_mean"] for m in metrics[-3:]) / 3
-    assert last > first + 0.3, (first, last)
+    first = sum(m["reward_mean"] for m in metrics[:5]) / 5
+    last = sum(m["reward_mean"] for m in metrics[-5:]) / 5
+    # the tiny LCM's images match their captions better (clip_score about 0.76 -> 0.87)
+    assert "reward/clip_score" in metrics[0] and last > first + 0.05, (first, last)
     report = (run / "report" / "index.html").read_text()
     assert "reward.png" in report and "iteration 0" in report
 
@@ -76,5 +77,5 @@ def test_sample_batches_must_divide_prompts():
     from polyrl.host import Host
     from polyrl.types import ConfigError
 
-    with pytest.raises(ConfigError, match=r"run.sample_batches=3 must divide run.prompts_per_iteration=4; accepted: \[1, 2, 4\]"):
-        Host().build_config(apply_overrides(default_config(), ["run.sample_batches=3"]))
+    with pytest.raises(ConfigError, match=r"run.sample_batches=3 must divide run.prompts_per_iteration=8; accepted: \[1, 2, 4, 8\]"):
+        Host().build_config(apply_overrides(default_config(), ["run.sample_batches=3", "run.prompts_per_iteration=8"]))
