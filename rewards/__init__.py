@@ -5,7 +5,7 @@ from __future__ import annotations
 from polyrl import ComponentSpec, hookimpl
 
 from .jpeg import JpegCompressibility, JpegConfig, JpegIncompressibility
-from .env import EnvReward, EnvRewardConfig
+from .env import EnvReward, EnvRewardConfig, NormalisedReturn, NormalisedReturnConfig
 from .sentiment import SENTIMENT_SPEC
 
 
@@ -36,5 +36,13 @@ def polyrl_rewards():
             modality="env",
             reads=("env_rewards",),
             description="per-step rewards returned by the environment",
+        ),
+        ComponentSpec(
+            "normalised_return",
+            lambda cfg, policy=None: NormalisedReturn(cfg),
+            NormalisedReturnConfig,
+            modality="env",
+            reads=("env_rewards",),
+            description="episode return on the expert = 1, random = 0 scale (log it with weight 0)",
         ),
     ]

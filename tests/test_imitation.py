@@ -16,6 +16,7 @@ from polyrl.checkpoint import load_checkpoint
 from polyrl.config import apply_overrides, load_yaml
 from polyrl.host import Host
 from polyrl.loop import train
+from polyrl.types import ConfigError
 from polyrl.plugins.control.demonstrations import save_demos
 from polyrl.plugins.control.demos import main as demos_main
 from polyrl.plugins.control.demos import rollout_episodes
@@ -76,6 +77,8 @@ def test_smiling_pendulum_runs_through_the_loop_and_resumes_exactly(tmp_path, ho
     assert [r["gradient_steps"] for r in rows] == [100, 100, 100]
     assert all(abs(r["reward/smiling"]) < 1e-3 for r in rows)  # standardised per rollout: sums to ~0
     assert all(r["reward/env_reward"] < 0 for r in rows)  # logged with weight 0
+    for r in rows:  # the episode return on the expert = 1, random = 0 scale, logged with weight 0
+        assert r["reward/normalised_return"] == pytest.approx((r["reward/env_reward"] + 1246.7) / (-155.0 + 1246.7), abs=1e-4)
     state = load_checkpoint(run / "checkpoints" / "iter_000003")  # torch.load(weights_only=True) inside
     assert state["rewards"]["smiling"]["expert_trained"] and state["rewards"]["smiling"]["rounds"] == 3
     assert state["update"]["buffer"]["size"] == 300
@@ -174,3 +177,10 @@ def test_demos_command_checks_files(tmp_path, demos, capsys):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "'episode_lengths' must be positive and sum to N=10" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_normalised_return_needs_two_different_returns(host, demos):
+    with pytest.raises(ConfigError, match=r"expert_return and random_return are both 5.0"):
+        build(host, "smiling_pendulum.yaml", f"rewards.smiling.demos={demos}", "rewards.smiling.demo_episodes=1",
+              "rewards.normalised_return.expert_return=5.0",
+              "rewards.normalised_return.random_return=5.0")
