@@ -2,8 +2,8 @@
 
     python benchmarks/iteration_time.py [--iterations 6]
 
-Runs ``configs/ddpo_tiny_compressibility.yaml`` and ``configs/grpo_tiny_text.yaml`` one after the
-other in this process, on this machine's CPU (or GPU), and prints a table of median seconds per
+Runs ``configs/rlcm_tiny_compressibility.yaml``, ``configs/ddpo_tiny_compressibility.yaml`` and
+``configs/grpo_tiny_text.yaml`` one after the other in this process, on this machine's CPU (or GPU), and prints a table of median seconds per
 phase over the iterations after the first (which includes warm-up).
 """
 
@@ -23,7 +23,8 @@ from polyrl.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {
-    "image / ddpo (tiny SD, 16 samples x 10 steps)": "configs/ddpo_tiny_compressibility.yaml",
+    "image / ddpo on the tiny LCM (RLCM; 32 samples x 4 steps)": "configs/rlcm_tiny_compressibility.yaml",
+    "image / ddpo on the tiny SD (32 samples x 20 DDIM steps, CFG)": "configs/ddpo_tiny_compressibility.yaml",
     "text / grpo (tiny GPT-2, 32 samples x 16 tokens)": "configs/grpo_tiny_text.yaml",
 }
 
@@ -31,7 +32,10 @@ RUNS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for label, path in RUNS.items():
