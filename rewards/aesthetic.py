@@ -1,6 +1,6 @@
 """The LAION aesthetic predictor as a reward (DDPO's and RLCM's aesthetic task).
 
-Images are scored by a linear MLP on L2-normalised CLIP image features (REFERENCE.md §3)::
+Images are scored by a linear MLP on L2-normalised CLIP image features (the LAION improved aesthetic predictor)::
 
     features = normalize(CLIP_ViT-L/14_openai.encode_image(preprocess(images)))     # [B, 768]
     score    = Linear(768,1024) → Dropout(0.2) → Linear(1024,128) → Dropout(0.2)

@@ -88,7 +88,7 @@ def scheduler(prediction_type: str = "epsilon") -> LCMScheduler:
 
 # ------------------------------------------------------------------------------ the step
 def test_timesteps_follow_reference():
-    """REFERENCE.md §2: the RLCM/LCM skipping-step schedule with 50 original steps."""
+    """The RLCM/LCM skipping-step schedule with 50 original steps."""
     assert lcm_timesteps(2).tolist() == [999, 499]
     assert lcm_timesteps(4).tolist() == [999, 759, 519, 279]
     assert lcm_timesteps(8).tolist() == [999, 879, 759, 639, 519, 399, 279, 159]
@@ -145,7 +145,7 @@ def test_step_matches_lcm_scheduler_and_gaussian_density(prediction_type):
         torch.testing.assert_close(log_prob, direct, atol=1e-5, rtol=1e-5)
         by_hand = (-((prev - mean) ** 2) / (2 * (1 - a_next)) - 0.5 * torch.log(2 * math.pi * (1 - a_next))).mean(dim=(1, 2, 3))
         torch.testing.assert_close(log_prob, by_hand, atol=1e-5, rtol=1e-5)
-        # the consistency parameterisation of REFERENCE.md §2
+        # the consistency parameterisation of LCM (sigma_data 0.5, timestep scaling 10)
         c_skip, c_out = boundary_scalings(t)
         assert abs(c_skip.item() - 0.25 / ((10 * t.item()) ** 2 + 0.25)) < 1e-9
         assert abs(c_out.item() - 10 * t.item() / math.sqrt((10 * t.item()) ** 2 + 0.25)) < 1e-6

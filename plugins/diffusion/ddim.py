@@ -55,7 +55,7 @@ def ddim_step_with_logprob(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step ``x_t → x_prev`` and its log-probability (REFERENCE.md §1).
+    """One DDIM step ``x_t → x_prev`` and its log-probability (DDPO, Black et al. 2023).
 
     Args:
         scheduler: a :class:`diffusers.DDIMScheduler` (or one with the same config fields) on

@@ -125,7 +125,7 @@ def lcm_step_with_logprob(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LCM step ``x_n → (f, x_{n+1})`` and the log-probability of ``x_{n+1}`` (REFERENCE.md §2).
+    """One LCM step ``x_n → (f, x_{n+1})`` and the log-probability of ``x_{n+1}`` (RLCM, Oertell et al. 2024).
 
     Args:
         scheduler: an ``LCMScheduler`` (or any scheduler with ``alphas_cumprod``,
