@@ -2,9 +2,11 @@
 """Make the tiny pretrained image world in ``assets/``: captioned shapes, a text-to-image
 diffusion model trained on them, its consistency-distilled LCM twin, and a tiny CLIP.
 
-Everything runs on the CPU, seeded. A full run with ``--threads 1`` took 53 minutes on a 2-core
-machine that was running other jobs at the same time (VAE 16, SD 19, LCM 12, CLIP 4 minutes; the
-stage times are in ``world.json``) and reproduced the shipped assets bit for bit::
+Everything runs on the CPU, seeded: 24 minutes on an idle 2-core machine with torch's default
+threads (VAE 5, SD 9, LCM 7, CLIP 2 minutes). The shipped assets were made with ``--threads 1``
+(53 minutes, with other jobs sharing the machine; the stage times are in ``world.json``); a second
+``--threads 1`` run reproduced them bit for bit. Other thread counts round differently and train
+slightly different models of the same quality::
 
     python scripts/make_tiny_world.py [--out assets] [--docs docs] [--work runs/tiny-world] [--seed 0]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import pickle
 from pathlib import Path
 
@@ -261,3 +262,22 @@ def test_world_images_are_deterministic():
     assert torch.equal(a, b) and torch.equal(la, lb) and a.dtype == torch.uint8 and a.shape == (6, 3, 64, 64)
     assert len(w.ALL_CAPTIONS) == 100 and len(w.HELDOUT) == 20 and not set(w.HELDOUT) & set(w.TRAIN)
     assert np.unique([c[0] for c in w.HELDOUT]).size == 5  # every colour has held-out captions
+
+
+@pytest.mark.slow
+def test_make_tiny_world_quick_run_writes_loadable_models(tmp_path):
+    """The whole tiny-world pipeline in smoke mode (a few steps per stage): every stage runs, and
+    the three folders load with the libraries' own loaders, as the shipped assets do."""
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    summary = world().main(["--quick", "--out", str(tmp_path / "assets"), "--docs", str(tmp_path / "docs"),
+                            "--work", str(tmp_path / "work"), "--threads", "1"])
+    assert set(summary["stage_seconds"]) == {"data", "vae", "encode", "sd", "lcm", "clip", "eval"}
+    assert "clip_zero_shot/heldout_captions" in summary["metrics"]
+    out = tmp_path / "assets"
+    StableDiffusionPipeline.from_pretrained(out / "tiny-sd")
+    lcm = LatentConsistencyModelPipeline.from_pretrained(out / "tiny-lcm")
+    assert lcm.unet.config.time_cond_proj_dim == 256 and type(lcm.scheduler).__name__ == "LCMScheduler"
+    open_clip.create_model_and_transforms(f"local-dir:{out / 'tiny-clip'}")
+    assert (tmp_path / "docs" / "tiny_world_samples.png").is_file()
+    assert json.loads((out / "tiny-sd" / "world.json").read_text())["steps"]["sd"] == 10
