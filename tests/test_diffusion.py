@@ -45,17 +45,6 @@ def perturb_lora(policy: DiffusionPolicy, seed: int = 0, scale: float = 0.1) -> 
             p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's tiny-model ops on one intra-op thread. They are too small to gain from
-    more, and on a shared 2-core machine, threads that wait for a busy core made them ~20x slower
-    (105 s instead of 5 s for this file)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def policy() -> DiffusionPolicy:
     """The default policy on tiny-sd; tests must not change its weights."""

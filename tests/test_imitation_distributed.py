@@ -7,7 +7,6 @@ gradients. This file is also the worker that `accelerate launch` starts on each 
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess

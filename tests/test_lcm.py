@@ -51,15 +51,6 @@ def perturb_lora(policy: LCMPolicy, seed: int = 0, scale: float = 0.1) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny-model ops on one intra-op thread (on a shared machine more threads only wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def policy() -> LCMPolicy:
     """The default policy on tiny-lcm; tests must not change its weights."""

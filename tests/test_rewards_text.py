@@ -31,14 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "assets" / "tiny-gpt2"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def text_rollout(prompts: list[str], texts: list[str], extra: list[dict] | None = None, lengths: list[int] | None = None) -> Rollout:
     b = len(texts)
     lengths = lengths or [3] * b

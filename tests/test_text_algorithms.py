@@ -39,15 +39,6 @@ def reviews(n: int, seed: int = 1) -> list[tuple[str, str]]:
     return [mod.review(rng) for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def policy() -> CausalLMPolicy:
     return CausalLMPolicy(CausalLMConfig(pretrained=str(TINY), value_head=True))

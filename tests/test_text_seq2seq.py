@@ -20,14 +20,6 @@ TINY = ROOT / "assets" / "tiny-gpt2"
 PROMPTS = ["This movie was", "I bought this kettle and", "The plot in this musical was", "Hi"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
