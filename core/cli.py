@@ -37,11 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config and "=" not in args.config:
             raise ConfigError("--resume takes the run directory's own config; give overrides only (key=value)")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {str(run_dir)!r}: no config.yaml there; is it a polyrl run directory?")
-        data = load_yaml(run_dir / "config.yaml")
+        data = run_folder_config(run_dir, "--resume")
         overrides = ([args.config] if args.config else []) + list(args.overrides)
         data.setdefault("run", {})["output_dir"] = str(run_dir)
+        announce_imports(data, run_dir)
     elif args.config is None or "=" in args.config:
         data = default_config()
         overrides = ([args.config] if args.config else []) + list(args.overrides)
@@ -56,9 +55,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_folder_config(run_dir: Path, what: str) -> dict:
+    """The config of a run folder: its ``config.yaml``, or, if that is missing or unreadable, the
+    one saved in its newest checkpoint."""
+    from .checkpoint import latest_checkpoint
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"{what} {str(run_dir)!r}: no such folder")
+    try:
+        return load_yaml(run_dir / "config.yaml")
+    except ConfigError as first:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and (ckpt / "config.yaml").is_file():
+            print(f"polyrl: {first}; using the config saved in {ckpt.name}", file=sys.stderr)
+            return load_yaml(ckpt / "config.yaml")
+        raise ConfigError(f"{what} {str(run_dir)!r}: {first}; is it a polyrl run directory?") from None
+
+
+def announce_imports(data: dict, run_dir: Path) -> None:
+    """A run folder's config can import code (``plugins:``, ``rewards.*.function``,
+    ``trust_remote_code``). Say which, before anything is imported, so that a downloaded run folder
+    cannot run code unseen."""
+    found = [f"plugin module {m!r}" for m in (data.get("plugins") or []) if isinstance(m, str)]
+    for key, section in (data.get("rewards") or {}).items():
+        if isinstance(section, dict) and section.get("function"):
+            found.append(f"rewards.{key}.function {str(section['function'])[:80]!r}")
+    sections = [(part, data.get(part)) for part in ("policy", "sampler", "update")]
+    sections += [(f"rewards.{k}", v) for k, v in (data.get("rewards") or {}).items()]
+    for part, section in sections:
+        if isinstance(section, dict) and section.get("trust_remote_code"):
+            found.append(f"{part}.trust_remote_code (the model's own Python code)")
+    if found:
+        print(f"polyrl: the config of {str(run_dir)!r} imports code: {', '.join(found)}. "
+              f"Only continue or evaluate run folders you trust.", file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
+    announce_imports(run_folder_config(Path(args.run_dir), "eval"), Path(args.run_dir))
     result = evaluate(args.run_dir, samples=args.samples, seed=args.seed, iteration=args.iteration,
                       baseline=not args.no_baseline, batch=args.batch, plugins=tuple(args.plugin))
     print(json.dumps(result, indent=2))
@@ -103,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyrl", description="RL fine-tuning of generative models through one loop and plugins.")
     parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE",
                         help="load a Python module as a plugin (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a model (no config: the embedded tiny default run)")
@@ -135,13 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .atomic import DiskFullError
+    from .errors import PolyrlError, RunStopped
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"polyrl: error: {e}", file=sys.stderr)
+    except (ConfigError, PolyrlError, DiskFullError) as e:
+        if args.debug:
+            raise
+        text = " ".join(str(e.strerror if isinstance(e, DiskFullError) else e).split())
+        print(f"polyrl: error: {text}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("polyrl: interrupted", file=sys.stderr)
         return 130

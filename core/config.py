@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import difflib
 import types
 import typing
@@ -26,7 +27,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from .types import ConfigError
 
@@ -86,6 +86,22 @@ class RunSettings:
         for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in (("iterations", 10**9), ("prompts_per_iteration", 10**6), ("samples_per_prompt", 10**4),
+                           ("sample_batches", 10**6), ("save_every", 10**9), ("keep_checkpoints", 10**4)):
+            if getattr(self, name) > most:
+                raise ConfigError(f"run.{name}={getattr(self, name)} is out of range; accepted: 1 to {most}")
+        if self.batch_size > 10**6:
+            raise ConfigError(
+                f"run.prompts_per_iteration * run.samples_per_prompt = {self.batch_size} samples per iteration; "
+                f"accepted: at most 1000000"
+            )
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"run.seed={_short(self.seed)} is out of range; accepted: 0 to 2**63 - 1")
+        if not self.output_dir.strip():
+            raise ConfigError("run.output_dir is empty; give a folder for the run (e.g. runs/my-run)")
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"run.output_dir {_short(self.output_dir)}: a file is in the way; choose a folder path")
         if self.sample_batches < 1 or self.prompts_per_iteration % self.sample_batches:
             raise ConfigError(
                 f"run.sample_batches={self.sample_batches} must divide run.prompts_per_iteration="
@@ -161,8 +177,15 @@ class OptimizerConfig:
     """Iterations of linear warm-up from 0 to ``lr``."""
 
     def check(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= 10:
+            raise ConfigError(f"optimizer.lr must be > 0 and at most 10, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optimizer.eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_iterations < 0:
             raise ConfigError(f"optimizer.warmup_iterations must be >= 0, got {self.warmup_iterations}")
 
@@ -233,6 +256,15 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (config messages never echo whole values)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[: limit - 20] + f"... ({len(text)} characters)"
+
+
 def suggest(name: str, choices: typing.Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the nearest choice, or an empty string."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
@@ -240,11 +272,13 @@ def suggest(name: str, choices: typing.Iterable[str]) -> str:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping (bounded, strict YAML: see :mod:`polyrl.safeyaml`)."""
+    from . import safeyaml
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config file not found: {str(path)!r}")
-    with p.open() as f:
-        data = yaml.safe_load(f) or {}
+    data = safeyaml.load_file(p, "config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
@@ -255,14 +289,16 @@ def parse_overrides(items: typing.Sequence[str]) -> list[tuple[list[str], Any]]:
     out = []
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+            raise ConfigError(f"override {_short(item)} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
         if not key or any(not k for k in key.split(".")):
-            raise ConfigError(f"override {item!r}: empty key")
+            raise ConfigError(f"override {_short(item)}: empty key")
+        from . import safeyaml
+
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: cannot read the value: {e}") from None
+            value = safeyaml.loads(raw, f"override {key}") if raw != "" else ""
+        except ConfigError as e:
+            raise ConfigError(f"override {_short(item)}: cannot read the value: {e}") from None
         out.append((key.split("."), value))
     return out
 
@@ -302,7 +338,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{path}: {value!r} is not accepted; choose one of {list(allowed)}{suggest(value, map(str, allowed))}")
+            raise ConfigError(f"{path}: {_short(value)} is not accepted; choose one of {list(allowed)}{suggest(str(value)[:100], map(str, allowed))}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -316,41 +352,50 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, a, path)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
+            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {_short(value)}")
         args = typing.get_args(tp)
         inner = args[0] if args else Any
         items = [_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {_short(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML reads 1e-4 (no dot) as a string; accept it when it parses
-            if isinstance(value, str):
+            number = None
+            if isinstance(value, str) and len(value) < 64:
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+            if number is None:
+                raise ConfigError(f"{path}: expected a number, got {_short(value)}")
+            value = number
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{path}: {_short(value)} is too large for a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {_short(value)}")
         return value
     raise TypeError(f"{path}: unsupported config field type {tp!r}")
 
@@ -360,13 +405,14 @@ def from_dict(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{path}: expected a mapping, got {_short(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if f.init}
     for key in data:
         if key not in known:
             raise ConfigError(
-                f"{path}.{key}: unknown key{suggest(key, known)}; accepted keys: {sorted(known)}"
+                f"{path}.{_short(key, 80)[1:-1] if isinstance(key, str) else _short(key)}: unknown key"
+                f"{suggest(str(key)[:100], known)}; accepted keys: {sorted(known)}"
             )
     kwargs = {}
     for name, f in known.items():

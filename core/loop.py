@@ -16,6 +16,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import signal
 import sys
 import time
@@ -28,11 +29,18 @@ import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from . import atomic
+from .checkpoint import latest_checkpoint, leftover_tmp, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
+from .errors import NonFiniteError, PolyrlError, RunStopped
 from .host import Host
 from .prompts import PromptSource
+from .resume import check_resume
 from .types import ConfigError, Policy, RewardOutput, Rollout
+
+#: The signals that ask a run to stop: the first one finishes the iteration, saves and stops; a
+#: second one stops at once (the checkpoint of the last completed iteration is still written).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def derive_seed(*parts: Any) -> int:
@@ -89,6 +97,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opt.lr_factor(run.iterations))
         self.phase = "setup"
         self._stop_requested = False
+        self._stop_signal: int | None = None
+        self._saving = False
 
     # ------------------------------------------------------------------ helpers for updates
     def generator(self, purpose: str) -> torch.Generator:
@@ -105,7 +115,11 @@ class Trainer:
         self.accelerator.backward(loss)
 
     def optimizer_step(self) -> float:
-        """Clip the gradient norm (``optimizer.max_grad_norm``), step, zero; returns the norm."""
+        """Clip the gradient norm (``optimizer.max_grad_norm``), step, zero; returns the norm.
+
+        A non-finite gradient norm (a NaN or infinite loss, or an overflow) raises
+        :class:`NonFiniteError` before the step, so the weights stay finite; the loop then stops with
+        the checkpoint of the last completed iteration."""
         params = self.policy.trainable_parameters()
         max_norm = self.config.optimizer.max_grad_norm
         if max_norm > 0:
@@ -113,9 +127,17 @@ class Trainer:
         else:
             grads = [p.grad.norm() for p in params if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        value = float(norm)
+        if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(
+                f"the gradient norm became {value} in iteration {self.iteration} (a NaN or infinite loss or reward); "
+                f"no weights were changed by it. Lower optimizer.lr, check the rewards, or set "
+                f"optimizer.max_grad_norm, then continue with --resume"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return value
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -143,25 +165,67 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         state = state or self._state()
-        save_checkpoint(
-            self.run_dir, iteration, state["trainable"],
-            {"optimizer": state["optimizer"], "update": state["update"], "rewards": state["rewards"],
-             "rng": rng_state()},
-            {"seed": self.config.run.seed}, keep=self.config.run.keep_checkpoints,
-        )
+        self._saving = True
+        try:
+            save_checkpoint(
+                self.run_dir, iteration, state["trainable"],
+                {"optimizer": state["optimizer"], "update": state["update"], "rewards": state["rewards"],
+                 "rng": rng_state()},
+                {"seed": self.config.run.seed}, keep=self.config.run.keep_checkpoints,
+                config_text=self.config_text(),
+            )
+        finally:
+            self._saving = False
 
-    def resume(self) -> None:
+    def config_text(self) -> str:
+        return yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+
+    def resume(self) -> list[str]:
+        """Restore the newest checkpoint and make ``metrics.jsonl`` agree with it (the checkpoint is
+        the single source of truth for where the run stands). Returns messages to show."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise ConfigError(f"--resume: no checkpoint under {str(self.run_dir / 'checkpoints')!r}")
         ckpt = load_checkpoint(path)
+        done = int(ckpt["trainer"]["iteration"])
+        messages: list[str] = []
         self._restore(ckpt)
         set_rng_state(ckpt["rng"])
-        self.completed = self.iteration = int(ckpt["trainer"]["iteration"])
-        metrics = self.run_dir / "metrics.jsonl"
-        if self.accelerator.is_main_process and metrics.is_file():  # drop iterations after the checkpoint
-            kept = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["iteration"] <= self.completed]
-            metrics.write_text("".join(l + "\n" for l in kept))
+        self._apply_optimizer_settings()
+        self.completed = self.iteration = done
+        if self.accelerator.is_main_process:
+            messages += self._trim_metrics(self.completed)
+        return messages
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a restore: the configured AdamW settings win over the ones saved with its state
+        (a changed ``optimizer.lr`` is applied, never silently ignored)."""
+        opt = self.config.optimizer
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = opt.lr
+            group.update(betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay)
+        self.scheduler.base_lrs = [opt.lr for _ in self.optimizer.param_groups]
+        factor = opt.lr_factor(self.config.run.iterations)
+        self.scheduler.lr_lambdas = [factor for _ in self.optimizer.param_groups]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+
+    def _trim_metrics(self, completed: int) -> list[str]:
+        """Keep the metrics of iterations ``<= completed`` (once each); torn lines are dropped and reported.
+        The file is replaced atomically, and only when something changes."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        records, warnings = atomic.read_jsonl(path)
+        kept, seen = [], set()
+        for r in records:
+            it = r.get("iteration")
+            if isinstance(it, int) and 1 <= it <= completed and it not in seen:
+                kept.append(r)
+                seen.add(it)
+        if warnings or len(kept) != len(records):
+            atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        return warnings
 
     # ------------------------------------------------------------------ logging
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
@@ -173,41 +237,60 @@ class Trainer:
         return dict(zip(keys, t.tolist()))
 
     @contextlib.contextmanager
-    def _sigint_defers(self) -> Iterator[None]:
-        """First Ctrl-C: finish the iteration, save, stop. Second: stop now (a checkpoint is still written)."""
-        previous = signal.getsignal(signal.SIGINT)
+    def _signals_defer(self) -> Iterator[None]:
+        """SIGINT (Ctrl-C) and SIGTERM (what schedulers send): the first finishes the iteration, saves
+        and stops; a second one stops now (the checkpoint of the last completed iteration is still
+        written). A second signal that arrives while a checkpoint is being written waits for the write."""
 
         def handler(signum, frame):  # noqa: ARG001
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = True
-            tqdm.write("polyrl: stopping after this iteration (Ctrl-C again to stop now)", file=sys.stderr)
+            name = signal.Signals(signum).name
+            if self._stop_requested and not self._saving:
+                raise RunStopped(signum)
+            if not self._stop_requested:
+                self._stop_requested = True
+                self._stop_signal = signum
+                again = "Ctrl-C" if signum == signal.SIGINT else name
+                tqdm.write(f"polyrl: {name} received: stopping after this iteration ({again} again to stop now)",
+                           file=sys.stderr)
 
+        previous = {}
         try:
-            signal.signal(signal.SIGINT, handler)
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread
             yield
             return
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
     """Run (or with ``resume`` continue) the configured RL fine-tuning. Returns the trainer."""
+    changes = check_resume(config) if resume else []  # refused changes stop here, before any model loads
     trainer = Trainer(config, host, resume=resume)
     acc, run, hook = trainer.accelerator, config.run, host.pm.hook
-    if resume:
-        trainer.resume()
+    messages = changes + (trainer.resume() if resume else [])
     if acc.is_main_process:
         trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        (trainer.run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        (trainer.run_dir / "plugins.json").write_text(json.dumps(host.plugin_versions(), indent=2))
+        for path in leftover_tmp(trainer.run_dir):  # a checkpoint write that a crash cut short
+            messages.append(f"removed an incomplete checkpoint write: {path.name}")
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        if not resume:
+            messages += trainer._trim_metrics(0)  # a fresh start: metrics of an earlier attempt are dropped
+        atomic.write_text(trainer.run_dir / "config.yaml", trainer.config_text())
+        atomic.write_text(trainer.run_dir / "plugins.json", json.dumps(host.plugin_versions(), indent=2))
+        for m in messages:
+            tqdm.write(f"polyrl: {m}", file=sys.stderr)
     from . import report
 
     if acc.is_main_process and run.report and trainer.completed == 0:
         report.record_samples(trainer, tag=0)
+    _lifecycle(trainer, "setup")
     hook.polyrl_run_start(trainer=trainer)
 
     bar = tqdm(total=run.iterations, initial=trainer.completed, desc="polyrl", unit="it",
@@ -215,9 +298,10 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
     snapshot: dict[str, Any] | None = None
     reward_pool = ThreadPoolExecutor(1, thread_name_prefix="polyrl-reward") if run.async_rewards else None
     try:
-        with trainer._sigint_defers():
+        with trainer._signals_defer():
             for it in range(trainer.completed + 1, run.iterations + 1):
                 trainer.iteration = it
+                hook.polyrl_iteration_start(trainer=trainer, iteration=it)
                 torch.manual_seed(derive_seed(run.seed, it, acc.process_index, "torch"))
                 contexts = trainer.prompts.contexts(
                     it, acc.process_index, acc.num_processes, run.prompts_per_iteration, run.samples_per_prompt
@@ -273,8 +357,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                     ),
                 }
                 if acc.is_main_process:
-                    with (trainer.run_dir / "metrics.jsonl").open("a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                    atomic.append_line(trainer.run_dir / "metrics.jsonl", json.dumps(metrics))
                 hook.polyrl_iteration_end(trainer=trainer, iteration=it, metrics=metrics, rollout=rollout)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", sample=f"{t1 - t0:.1f}s",
@@ -288,24 +371,40 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 if acc.is_main_process and run.report and run.report_every and it % run.report_every == 0:
                     report.record_samples(trainer, tag=it)
                 if stop:
-                    raise KeyboardInterrupt
+                    raise RunStopped(trainer._stop_signal or signal.SIGINT)
     except BaseException as error:
         bar.close()
         if reward_pool is not None:
             reward_pool.shutdown(wait=True, cancel_futures=True)
+        saved = None
         if trainer.completed > 0 and trainer.phase != "setup":
             if snapshot is not None:  # the update had begun: go back to the state before it
                 trainer._restore(snapshot)
-            if latest_checkpoint(trainer.run_dir) != _ckpt(trainer, trainer.completed):
-                trainer.save(trainer.completed)
+            saved = latest_checkpoint(trainer.run_dir) == _ckpt(trainer, trainer.completed)
+            # no second attempt into the failure that stopped the run: a full disk, or non-finite
+            # weights that the update left (a non-finite gradient is caught before the step, and the
+            # snapshot holds the state before the update)
+            retry = not saved and not isinstance(error, atomic.DiskFullError) and not (
+                isinstance(error, NonFiniteError) and snapshot is None
+            )
+            if retry:
+                try:
+                    trainer.save(trainer.completed)
+                    saved = True
+                except (OSError, PolyrlError) as save_error:
+                    if acc.is_main_process:
+                        tqdm.write(f"polyrl: could not write the emergency checkpoint: {save_error}", file=sys.stderr)
             if acc.is_main_process:
+                newest = latest_checkpoint(trainer.run_dir)
+                what = (f"checkpoint of iteration {trainer.completed} saved" if saved else
+                        f"newest checkpoint: {newest.name}" if newest is not None else "no checkpoint was written")
                 tqdm.write(
-                    f"polyrl: stopped during iteration {trainer.iteration} ({type(error).__name__}); "
-                    f"checkpoint of iteration {trainer.completed} saved; continue with "
-                    f"`polyrl train --resume {trainer.run_dir}`",
+                    f"polyrl: stopped during iteration {trainer.iteration} ({_reason(error)}); {what}"
+                    + (f"; continue with `polyrl train --resume {trainer.run_dir}`" if newest is not None else ""),
                     file=sys.stderr,
                 )
         hook.polyrl_run_end(trainer=trainer, error=error)
+        _lifecycle(trainer, "close")
         raise
     bar.close()
     if reward_pool is not None:
@@ -319,7 +418,31 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
             report.write_report(trainer.run_dir)
     acc.wait_for_everyone()
     hook.polyrl_run_end(trainer=trainer, error=None)
+    _lifecycle(trainer, "close")
     return trainer
+
+
+def _lifecycle(trainer: Trainer, method: str) -> None:
+    """Call ``setup(trainer)`` or ``close()`` on the run's components: policy, sampler, update,
+    rewards. A failing ``close`` is reported and the others still close."""
+    components = [trainer.policy, trainer.sampler, trainer.update, *(fn for _, _, fn in trainer.rewards)]
+    for component in components:
+        fn = getattr(component, method, None)
+        if not callable(fn):  # a component that does not subclass the base classes
+            continue
+        if method == "setup":
+            fn(trainer)
+            continue
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - closing must not hide the run's own outcome
+            tqdm.write(f"polyrl: closing {type(component).__name__} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, RunStopped):
+        return signal.Signals(error.signum).name
+    return type(error).__name__
 
 
 def _ckpt(trainer: Trainer, iteration: int) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import atomic
 from .types import Context
 
 N_REPORT_SAMPLES = 8
@@ -27,15 +28,20 @@ def record_samples(trainer: Any, tag: int) -> None:
     contexts = [Context(prompt=rows[i % len(rows)][0], group=i, extra=dict(rows[i % len(rows)][1]))
                 for i in range(min(N_REPORT_SAMPLES, max(len(rows), 4)))]
     g = torch.Generator().manual_seed(trainer.config.run.seed + 12345)
-    was_training = trainer.policy.training
+    # every module's own mode is restored afterwards (frozen parts stay in eval mode), so recording
+    # samples leaves no trace in training: a resumed run is exact with or without the report
+    modes = [(m, m.training) for m in trainer.policy.modules()]
     trainer.policy.eval()
-    with torch.no_grad():
-        rollout = trainer.sampler.sample(trainer.policy, contexts, g)
-        scores = {}
-        for name, _, fn in trainer.rewards:
-            value = torch.as_tensor(fn(rollout)).float().cpu()
-            scores[name] = (value.sum(1) if value.dim() == 2 else value).tolist()  # per-step: episode return
-    trainer.policy.train(was_training)
+    try:
+        with torch.no_grad():
+            rollout = trainer.sampler.sample(trainer.policy, contexts, g)
+            scores = {}
+            for name, _, fn in trainer.rewards:
+                value = torch.as_tensor(fn(rollout)).float().cpu()
+                scores[name] = (value.sum(1) if value.dim() == 2 else value).tolist()  # per-step: episode return
+    finally:
+        for m, mode in modes:
+            m.training = mode
     record: dict[str, Any] = {"iteration": tag, "prompts": [c.prompt for c in contexts], "rewards": scores}
     if "images" in rollout.outputs:
         from torchvision.utils import save_image
@@ -44,7 +50,7 @@ def record_samples(trainer: Any, tag: int) -> None:
         record["image"] = f"iter_{tag:06d}.png"
     if "texts" in rollout.outputs:
         record["texts"] = list(rollout.outputs["texts"])
-    (out / f"iter_{tag:06d}.json").write_text(json.dumps(record, indent=2))
+    atomic.write_text(out / f"iter_{tag:06d}.json", json.dumps(record, indent=2))
 
 
 def _plot_metrics(rows: list[dict[str, float]], out: Path) -> list[str]:
@@ -111,7 +117,7 @@ def write_report(run_dir: str | Path) -> Path:
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.is_file() else []
+    rows, _ = atomic.read_jsonl(metrics)  # a torn last line (a crash mid-append) is skipped
     parts = [f"<html><head><meta charset='utf-8'><title>polyrl run: {html.escape(run_dir.name)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}td,th{padding:2px 8px}"
              "img{max-width:100%;image-rendering:pixelated}</style></head><body>",
@@ -143,5 +149,5 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append("</table>")
     parts.append("</body></html>")
     index = out / "index.html"
-    index.write_text("\n".join(parts))
+    atomic.write_text(index, "\n".join(parts))
     return index

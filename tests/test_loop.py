@@ -78,7 +78,8 @@ def test_run_directory_contents(uninterrupted):
         assert key in rows[0], key
     ckpt = latest_checkpoint(run)
     assert ckpt.name == "iter_000004"
-    assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optimizer.pt", "update.pt", "rewards.pt", "rng.pt", "trainer.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"trainable.safetensors", "optimizer.pt", "update.pt", "rewards.pt", "rng.pt",
+                                              "config.yaml", "trainer.json"}
     assert (run / "policy" / "adapter_config.json").is_file()  # peft format
     plugins = json.loads((run / "plugins.json").read_text())
     assert plugins["text"]["distribution"] == "polyrl"
