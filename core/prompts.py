@@ -46,6 +46,13 @@ def dataset_source(path: Path, split: str) -> tuple[str, Path]:
     )
 
 
+def _read_text(path: Path, where: str) -> str:
+    """A UTF-8 prompt file, or a one-line error for a binary or non-UTF-8 one."""
+    from .safeyaml import read_text_file
+
+    return read_text_file(path, where, max_bytes=1 << 31)
+
+
 def _read_records(kind: str, path: Path, split: str, where: str) -> list[dict]:
     """The rows of a dataset file or ``save_to_disk`` folder, as dicts (``where`` prefixes errors)."""
     if kind == "disk":
@@ -60,11 +67,12 @@ def _read_records(kind: str, path: Path, split: str, where: str) -> list[dict]:
     if kind == ".csv":
         import csv
 
-        with path.open(newline="") as f:
-            return [dict(row) for row in csv.DictReader(f)]
+        import io
+
+        return [dict(row) for row in csv.DictReader(io.StringIO(_read_text(path, where), newline=""))]
     if kind == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(_read_text(path, where))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: not JSON ({e})") from None
         if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # column-oriented
@@ -76,7 +84,7 @@ def _read_records(kind: str, path: Path, split: str, where: str) -> list[dict]:
             raise ConfigError(f"{where}: expected a list of objects or an object of equal-length columns")
         return data
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(path, where).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -117,7 +125,7 @@ def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
         where = f"prompts.file {str(path)!r}"
         rows = _split_prompt(_read_records(".jsonl", path, cfg.split, where), cfg.prompt_column, where)
     else:
-        rows = [(line, {}) for line in path.read_text().splitlines() if line.strip()]
+        rows = [(line, {}) for line in _read_text(path, f"prompts.file {str(path)!r}").splitlines() if line.strip()]
     if not rows:
         raise ConfigError(f"prompts.file {str(path)!r} holds no prompts")
     return rows

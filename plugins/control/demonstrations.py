@@ -57,6 +57,39 @@ def _describe(x: np.ndarray) -> str:
     return f"{x.dtype} {list(x.shape)}"
 
 
+MAX_BYTES = 1 << 30
+"""Most bytes the arrays of one demonstrations file may hold once read (a small compressed file can
+declare huge arrays)."""
+
+
+def _check_headers(p: Path, path: str) -> None:
+    """Reject unknown keys, object arrays and oversized arrays from the ``.npy`` headers alone."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as zf:
+            members = [m for m in zf.infolist() if m.filename.endswith(".npy")]
+            names = [m.filename[:-4] for m in members]
+            unknown = sorted(set(names) - set(REQUIRED) - set(OPTIONAL))
+            if unknown:
+                raise _fail(path, f"unknown keys {[u[:40] for u in unknown[:10]]}; accepted: {list(REQUIRED + OPTIONAL)}")
+            total = 0
+            for m in members:
+                with zf.open(m) as f:
+                    version = np.lib.format.read_magic(f)
+                    shape, _, dtype = np.lib.format._read_array_header(f, version)  # header only
+                if dtype.hasobject:
+                    raise _fail(path, f"{m.filename[:-4]!r} is an object array; save plain numeric arrays with numpy.savez")
+                total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if total > MAX_BYTES:
+                    raise _fail(path, f"its arrays would take {total / 2**30:.1f} GiB once read; at most "
+                                      f"{MAX_BYTES / 2**30:.0f} GiB are accepted")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - not a zip, a broken header
+        raise _fail(path, f"is not a readable .npz file ({type(e).__name__}: {str(e)[:120]})") from None
+
+
 def load_demos(path: str, episodes: int = 0, env_id: str | None = None, obs_dim: int | None = None,
                action_dim: int | None = None) -> Demos:
     """Read and validate a demonstrations file; keep its first ``episodes`` episodes (0: all).
@@ -72,6 +105,7 @@ def load_demos(path: str, episodes: int = 0, env_id: str | None = None, obs_dim:
             f"expert EXPERT_CONFIG --out {path}` (EXPERT_CONFIG: for example configs/sac_pendulum.yaml or "
             f"configs/sac_halfcheetah.yaml), or see docs/imitation.md"
         )
+    _check_headers(p, path)  # names, dtypes and sizes from the headers, before any array is read
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -72,6 +72,10 @@ class Limits:
     """Steps (node evaluations, lambda calls and elements touched by DSL functions) per run."""
     max_seconds = 2.0
     """Wall-clock limit per run."""
+    max_value_size = 100_000
+    """Most elements (counted through every level, a shared part once per use) in one value the
+    program builds. ``==``, ``in`` and hashing walk a value inside C, between two budget ticks, so a
+    value that nests shared tuples could otherwise cost 2**depth steps in one comparison."""
 
 
 _COMPARE = {
@@ -91,13 +95,38 @@ _ATTRIBUTES = {name for names in dsl.METHODS.values() for name in names} | {
 
 
 class _Budget:
-    __slots__ = ("steps", "max_steps", "deadline", "next_clock")
+    __slots__ = ("steps", "max_steps", "deadline", "next_clock", "sizes", "keep")
 
     def __init__(self, max_steps: int, seconds: float) -> None:
         self.steps = 0
         self.max_steps = max_steps
         self.deadline = time.perf_counter() + seconds
         self.next_clock = 4096
+        self.sizes: dict[int, int] = {}  # id of a container built in this run -> its expanded size
+        self.keep: list[Any] = []  # those containers, alive while their ids are in ``sizes``
+
+    def sized(self, value: Any) -> Any:
+        """``value``, after checking that its expanded size is within ``Limits.max_value_size``
+        (memoised per container, so the check costs the container's own length, not its expansion)."""
+        self._size(value)
+        return value
+
+    def _size(self, value: Any) -> int:
+        if not isinstance(value, (tuple, list, set, frozenset)):
+            return 1
+        known = self.sizes.get(id(value))
+        if known is not None:
+            return known
+        total = 1
+        for v in value:
+            total += self._size(v)
+            if total > Limits.max_value_size:
+                raise ProgramBudgetExceeded(
+                    f"program stopped: it builds a value of more than {Limits.max_value_size} elements"
+                )
+        self.sizes[id(value)] = total
+        self.keep.append(value)
+        return total
 
     def tick(self, n: int = 1) -> None:
         self.steps += n
@@ -222,7 +251,7 @@ class _Compiler:
             fn = func(env, b)
             if not callable(fn):
                 raise TypeError(f"{type(fn).__name__} is not callable")
-            return fn(*[a(env, b) for a in args], **{k: v(env, b) for k, v in kwargs})
+            return b.sized(fn(*[a(env, b) for a in args], **{k: v(env, b) for k, v in kwargs}))
 
         return call
 
@@ -314,7 +343,7 @@ class _Compiler:
             x, y = left(env, b), right(env, b)
             if concat and type(x) is type(y) and type(x) in (list, tuple):  # joining two item lists
                 b.tick(len(x) + len(y))
-                return x + y
+                return b.sized(x + y)
             if type(x) not in (int, bool) or type(y) not in (int, bool):
                 raise TypeError(f"arithmetic needs integers (or + of two lists), got {type(x).__name__} and {type(y).__name__}")
             return op(x, y)
@@ -351,7 +380,7 @@ class _Compiler:
             if isinstance(e, ast.Starred):
                 raise _reject(e, "*unpacking is not allowed")
             parts.append(self.compile(e, scope, depth))
-        return lambda env, b: build(p(env, b) for p in parts)
+        return lambda env, b: b.sized(build(p(env, b) for p in parts))
 
     def _List(self, node, scope, depth) -> Node:
         return self._display(node, node.elts, scope, depth, list)
