@@ -134,6 +134,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    """Serve a registered reward over HTTP (see :mod:`polyrl.serve`)."""
+    from .serve import main_serve
+
+    return main_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polyrl", description="RL fine-tuning of generative models through one loop and plugins.")
     parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE",
@@ -167,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("kind", choices=["policy", "sampler", "reward", "update"])
     c.add_argument("name")
     c.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("serve-reward", help="serve a reward over HTTP for runs that use the 'remote' reward")
+    s.add_argument("name", help="a registered reward (polyrl plugins lists them)")
+    s.add_argument("overrides", nargs="*", help="the reward's settings as key=value, e.g. head=path/to/head.pth")
+    s.add_argument("--config", metavar="YAML", help="a file with the reward's settings (overrides apply on top)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    s.add_argument("--token", default=None, help="bearer token required from clients (default: $POLYRL_REWARD_TOKEN)")
+    s.add_argument("--token-env", default="POLYRL_REWARD_TOKEN", help=argparse.SUPPRESS)
+    s.add_argument("--device", default=None, help="device of the reward's model (default: cuda if present, else cpu)")
+    s.add_argument("--max-batch-size", type=int, default=64, help="most samples per reward call (default 64)")
+    s.add_argument("--max-request-samples", type=int, default=None,
+                   help="most samples per request (default: --max-batch-size)")
+    s.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long a request waits for others to be scored with it (default 5)")
+    s.add_argument("--image-size", type=int, nargs="+", metavar="N", default=None,
+                   help="accept only images of this size: one side (square) or H W")
+    s.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    s.set_defaults(func=cmd_serve_reward)
     return parser
 
 

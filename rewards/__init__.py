@@ -7,6 +7,7 @@ from polyrl import ComponentSpec, hookimpl
 from .jpeg import JpegCompressibility, JpegConfig, JpegIncompressibility
 from .env import EnvReward, EnvRewardConfig, NormalisedReturn, NormalisedReturnConfig
 from .sentiment import SENTIMENT_SPEC
+from .remote import REMOTE_SPEC
 
 
 @hookimpl
@@ -29,6 +30,7 @@ def polyrl_rewards():
             description="the JPEG size in kB (quality 95)",
         ),
         SENTIMENT_SPEC,
+        REMOTE_SPEC,
         ComponentSpec(
             "env_reward",
             lambda cfg, policy=None: EnvReward(cfg),
