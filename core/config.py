@@ -447,20 +447,25 @@ def to_dict(obj: Any) -> Any:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a config dataclass (read from its source)."""
+    """The docstring under each field of a config dataclass (read from its source), including the
+    fields it inherits: the classes of its MRO are read base first, so a subclass's docstring of a
+    field it redeclares wins."""
     import ast
     import inspect
     import textwrap
 
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    tree = ast.parse(src)
     docs: dict[str, str] = {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
-            if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
-                docs[a.target.id] = " ".join(b.value.value.split())
+    for klass in reversed(getattr(cls, "__mro__", (cls,))):
+        if klass is object:
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        tree = ast.parse(src)
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
+                if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+                    docs[a.target.id] = " ".join(b.value.value.split())
     return docs

@@ -11,8 +11,14 @@ There are three kinds:
   plugin may replace a phase (return a value) or wrap it (``@hookimpl(wrapper=True)``) to observe
   or modify what flows through. They run once per iteration on every process, never per token or
   per denoising step.
-* **Event hooks** (``polyrl_configure``, ``polyrl_run_start``, ``polyrl_iteration_end``,
-  ``polyrl_run_end``) are broadcast to every plugin; return values are ignored.
+* **Event hooks** (``polyrl_configure``, ``polyrl_run_start``, ``polyrl_iteration_start``,
+  ``polyrl_iteration_end``, ``polyrl_run_end``) are broadcast to every plugin; return values are
+  ignored.
+
+Components have a lifecycle of their own, declared on the base classes of
+:mod:`polyrl.types`: the loop calls ``setup(trainer)`` on the policy, sampler, update and rewards
+before the first iteration (just before ``polyrl_run_start``), ``Reward.learn`` after each update,
+and ``close()`` on each when the run stops (after ``polyrl_run_end``).
 
 Shapes: ``B`` is the number of samples this process holds in the iteration, ``T`` the number of
 decision steps (tokens, denoising steps, env steps).
@@ -132,6 +138,13 @@ def polyrl_configure(config: Any) -> None:
 def polyrl_run_start(trainer: Any) -> None:
     """Called once per process after models are loaded and a checkpoint (if any) is restored,
     before the first iteration. ``trainer.iteration`` is the number of completed iterations."""
+
+
+@hookspec
+def polyrl_iteration_start(trainer: Any, iteration: int) -> None:
+    """Called on every process at the start of each iteration, before its first sampling batch.
+    ``iteration`` counts from 1 (``trainer.iteration`` holds the same number). Components whose
+    behaviour follows a schedule over iterations read it here."""
 
 
 @hookspec

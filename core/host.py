@@ -220,6 +220,7 @@ class Host:
         policy = ComponentConfig(policy_name, from_dict(policy_spec.config_cls, policy_section, "policy"))
         sampler = ComponentConfig(sampler_name, from_dict(sampler_spec.config_cls, sampler_section, "sampler"))
         update = ComponentConfig(update_name, from_dict(update_spec.config_cls, update_section, "update"))
+        self.check_compatibility(policy, sampler, update)
 
         raw_rewards = data.get("rewards")
         if not isinstance(raw_rewards, dict) or not raw_rewards:
@@ -252,6 +253,99 @@ class Host:
         self.pm.hook.polyrl_configure(config=cfg)
         return cfg
 
+    # ------------------------------------------------------------------ compatibility
+    def check_compatibility(self, policy: ComponentConfig, sampler: ComponentConfig, update: ComponentConfig) -> None:
+        """Check the declared rollout formats and capabilities of a policy, sampler and update
+        against each other (from their validated configs, before any model loads).
+
+        Raises :class:`ConfigError` naming both components of the first mismatch and listing the
+        components that would fit. Components that declare nothing (third-party specs written
+        before these fields) are not checked.
+        """
+        reg = self.registry
+        p_spec, s_spec, u_spec = reg["policy"][policy.name], reg["sampler"][sampler.name], reg["update"][update.name]
+        problem = self._pair_problem(p_spec, policy.params, s_spec, sampler.params)
+        if problem is not None:
+            fits = self.samplers_for(policy.name, policy.params)
+            verb = _SAMPLED_BY.get(next(iter(sorted(p_spec.formats)), ""), "is sampled by")
+            raise ConfigError(
+                f"sampler.name: {problem}: policy {policy.name!r} {verb} {_names(fits)}, not {sampler.name!r}; "
+                f"accepted: {_names(fits)}"
+            )
+        problem = self._update_problem(p_spec, policy.params, s_spec, sampler.params, u_spec, update.params)
+        if problem is not None:
+            fits = self.updates_for(policy.name, policy.params, sampler.name, sampler.params)
+            raise ConfigError(
+                f"update.name: {problem}; updates that fit policy {policy.name!r} with sampler {sampler.name!r}: "
+                f"{_names(fits)}"
+            )
+
+    @staticmethod
+    def _pair_problem(p_spec: ComponentSpec, p_params: Any, s_spec: ComponentSpec, s_params: Any) -> str | None:
+        """Why the sampler cannot sample the policy (``None`` when it can)."""
+        if s_spec.modality not in ("any", p_spec.modality):
+            return f"{s_spec.name!r} samples {s_spec.modality} but policy {p_spec.name!r} is {p_spec.modality}"
+        pf, sf = p_spec.formats, s_spec.formats
+        if pf and sf and not pf & sf:
+            return (f"{s_spec.name!r} records {_names(sf, quote=False)} and policy {p_spec.name!r} is trained on "
+                    f"{_names(pf, quote=False)}")
+        needs = s_spec.requirements_for(s_params)
+        if needs and (pf or p_spec.capabilities):
+            missing = sorted(needs - p_spec.capabilities_for(p_params))
+            if missing:
+                return (f"{s_spec.name!r} samples {_names(missing, quote=False)} policies and policy {p_spec.name!r} "
+                        f"is not one")
+        return None
+
+    @staticmethod
+    def _update_problem(p_spec: ComponentSpec, p_params: Any, s_spec: ComponentSpec, s_params: Any,
+                        u_spec: ComponentSpec, u_params: Any) -> str | None:
+        """Why the update cannot train this policy on this sampler's rollouts (``None`` when it can)."""
+        formats = (p_spec.formats & s_spec.formats) if p_spec.formats and s_spec.formats else (
+            p_spec.formats or s_spec.formats)
+        accepts = frozenset(u_spec.accepts)
+        if accepts and formats and not accepts & formats:
+            return (f"update {u_spec.name!r} trains on {_names(accepts, quote=False)} but policy {p_spec.name!r} with "
+                    f"sampler {s_spec.name!r} gives {_names(formats, quote=False)}")
+        if not (p_spec.formats or p_spec.capabilities):
+            return None  # the policy declares nothing: nothing to check its capabilities against
+        has = p_spec.capabilities_for(p_params) | s_spec.capabilities_for(s_params)
+        missing = sorted(u_spec.requirements_for(u_params) - has)
+        if not missing:
+            return None
+        from .types import CAPABILITIES
+
+        hints = u_spec.requirement_hints(u_params)
+        what = "; ".join(
+            f"{m} ({CAPABILITIES[m]})" if m in CAPABILITIES else m for m in missing
+        )
+        off = [m for m in missing if getattr(p_params, m, None) is False]
+        hint = "".join(f" with policy.{m}=false (accepted: true)" for m in off)
+        extra = "".join(f"; {m}: {hints[m]}" for m in missing if m in hints)
+        return (f"update {u_spec.name!r} needs a policy (or sampler) with {what}; policy {p_spec.name!r} with sampler "
+                f"{s_spec.name!r} has none{hint}{extra}")
+
+    def samplers_for(self, policy: str, params: Any) -> list[str]:
+        """The registered samplers that can sample ``policy`` built from ``params``."""
+        p_spec = self.registry["policy"][policy]
+        out = []
+        for name, s_spec in sorted(self.registry["sampler"].items()):
+            s_params = _default_params(s_spec)
+            if s_params is not _NO_DEFAULT and self._pair_problem(p_spec, params, s_spec, s_params) is None:
+                out.append(name)
+        return out
+
+    def updates_for(self, policy: str, p_params: Any, sampler: str, s_params: Any) -> list[str]:
+        """The registered updates (with their default settings) that can train ``policy`` on the
+        rollouts of ``sampler``."""
+        p_spec, s_spec = self.registry["policy"][policy], self.registry["sampler"][sampler]
+        out = []
+        for name, u_spec in sorted(self.registry["update"].items()):
+            u_params = _default_params(u_spec)
+            if u_params is not _NO_DEFAULT and self._update_problem(p_spec, p_params, s_spec, s_params, u_spec, u_params) is None:
+                out.append(name)
+        return out
+
     # ------------------------------------------------------------------ construction
     def build_policy(self, cfg: RunConfig) -> Any:
         return self.registry["policy"][cfg.policy.name].factory(cfg.policy.params)
@@ -267,3 +361,24 @@ class Host:
 
     def build_update(self, cfg: RunConfig) -> Any:
         return self.registry["update"][cfg.update.name].factory(cfg.update.params)
+
+
+#: How a refused pair is phrased, by the policy's rollout format.
+_SAMPLED_BY = {"env_steps": "plays episodes through sampler", "transitions": "plays episodes through sampler"}
+_NO_DEFAULT = object()
+
+
+def _names(names: Iterable[str], quote: bool = True) -> str:
+    """``'a', 'b'`` (or ``a, b``); ``none`` when empty."""
+    items = sorted(names)
+    if not items:
+        return "none"
+    return ", ".join(repr(n) if quote else n for n in items)
+
+
+def _default_params(spec: ComponentSpec) -> Any:
+    """The component's config with its defaults (skipping its file checks), or ``_NO_DEFAULT``."""
+    try:
+        return spec.config_cls()
+    except Exception:  # noqa: BLE001 - a config with required fields has no default to try
+        return _NO_DEFAULT

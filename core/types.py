@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ __all__ = [
     "Update",
     "ComponentSpec",
     "ConfigError",
+    "ROLLOUT_FORMATS",
+    "CAPABILITIES",
 ]
 
 
@@ -260,6 +262,14 @@ class Policy(nn.Module):
     def save_pretrained(self, path: str) -> None:  # pragma: no cover - every policy overrides
         raise NotImplementedError
 
+    def setup(self, trainer: Any) -> None:
+        """Called by the loop on every process once the run's components are built and a
+        checkpoint (if any) is restored, before the first iteration. Default: nothing."""
+
+    def close(self) -> None:
+        """Called by the loop when the run stops, normally or not, to release what ``setup`` or
+        the constructor acquired (files, threads, environments). Must be safe to call twice."""
+
 
 class Sampler:
     """Turns contexts into a :class:`Rollout` (called under ``torch.no_grad``).
@@ -272,6 +282,13 @@ class Sampler:
 
     def sample(self, policy: Policy, contexts: list[Context], generator: torch.Generator) -> Rollout:  # pragma: no cover
         raise NotImplementedError
+
+    def setup(self, trainer: Any) -> None:
+        """Called by the loop before the first iteration (after a resume's restore). Default: nothing."""
+
+    def close(self) -> None:
+        """Called by the loop when the run stops: close environments, worker pools, files. Must be
+        safe to call twice. Default: nothing."""
 
 
 class Reward:
@@ -292,9 +309,15 @@ class Reward:
     def __call__(self, rollout: Rollout) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def setup(self, trainer: Any) -> None:
+        """Called by the loop before the first iteration (after a resume's restore). Default: nothing."""
+
     def learn(self, trainer: Any, rollout: Rollout) -> dict[str, float]:
         """Train on this iteration's rollout (learned rewards only); returns metrics to log."""
         return {}
+
+    def close(self) -> None:
+        """Called by the loop when the run stops. Must be safe to call twice. Default: nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -313,8 +336,16 @@ class Update:
     survive a resume (statistics trackers, adaptive coefficients) goes in ``state_dict``.
     """
 
+    def setup(self, trainer: Any) -> None:
+        """Called by the loop on every process before the first iteration, once the policy is
+        built and a checkpoint (if any) is restored: stages that must run before training
+        (A*-PO's V*, NLPO's masking policy). Default: nothing."""
+
     def step(self, trainer: Any, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Called by the loop when the run stops. Must be safe to call twice. Default: nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -322,6 +353,45 @@ class Update:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+
+#: The rollout formats a policy rescores, a sampler records and an update trains on (``ComponentSpec.rollout``
+#: and ``ComponentSpec.accepts``). Plugins may add their own; these are the built-in ones.
+ROLLOUT_FORMATS: dict[str, str] = {
+    "diffusion_steps": "one action per denoising step of a diffusion sampler (latents, next latents, timesteps)",
+    "consistency_steps": "one action per step of a consistency-model sampler (re-noised consistency outputs)",
+    "flow_steps": "one action per integration step of a stochastic flow-matching sampler",
+    "tokens": "one action per generated token of a language model",
+    "env_steps": "one action per environment step, with the observation it was taken in",
+    "transitions": "environment steps with next observations and terminations, for off-policy updates",
+}
+
+#: Capabilities a policy (or a sampler) declares and updates or samplers require
+#: (``ComponentSpec.capabilities`` and ``ComponentSpec.requires``). Plugins may add their own.
+CAPABILITIES: dict[str, str] = {
+    "step_log_probs": "policy: forward(rollout, steps=[B, K]) rescores any subset of steps per sample",
+    "value_head": "policy: forward(..., with_values=True) returns state values (actor-critic updates)",
+    "entropy": "policy: forward(..., with_entropy=True) returns the entropy of each step's distribution",
+    "reference": "policy: reference_log_probs() under the base model (adapter disabled or a frozen copy)",
+    "token_mask": "policy: set_action_mask() restricts sampling to the top-p tokens of a frozen copy (NLPO)",
+    "squashed_actions": "policy: tanh-squashed Gaussian actions with dist_params/log_prob_raw (SAC)",
+    "action_likelihood": "policy: log-likelihood and mean of given environment actions (behaviour cloning)",
+    "causal_lm": "policy: a decoder-only language model (sampled by 'generate')",
+    "seq2seq_lm": "policy: an encoder-decoder language model (sampled by 'seq2seq_generate')",
+    "lilgym_actions": "policy: factorised lilGym action heads over the image and the sentence",
+    "lilgym_text_actions": "policy: a language model that writes lilGym actions as text",
+    "box_actions": "policy: continuous actions for a gymnasium Box action space",
+    "dataset_resets": "sampler: resets samples to prefixes of dataset responses (DR-PO)",
+}
+
+
+
+def _as_set(value: Any, params: Any) -> frozenset[str]:
+    if callable(value):
+        value = value(params)
+    if isinstance(value, str):
+        return frozenset((value,))
+    return frozenset(value or ())
 
 
 @dataclass
@@ -340,6 +410,20 @@ class ComponentSpec:
             rewards, the outputs they need.
         description: one line for ``polyrl plugins``.
         provider: filled in by the host: the plugin that registered it.
+        rollout: policies: the rollout format(s) the policy rescores; samplers: the format(s) the
+            sampler records (a name of :data:`ROLLOUT_FORMATS`, or a tuple of them). A policy and
+            a sampler fit when they share a format. Empty: not declared (any).
+        capabilities: policies (and samplers): what the component offers (names of
+            :data:`CAPABILITIES`), a set or a function of the component's config object that
+            returns one (a LoRA policy has a reference, a fully fine-tuned one may not). It is
+            called on the validated config, before any model loads.
+        accepts: updates: the rollout formats they train on. Empty: any.
+        requires: updates and samplers: the capabilities they need from the policy (and, for an
+            update, from the sampler), a set or a function of the component's *own* config (grpo
+            needs ``reference`` only when ``beta > 0``).
+
+    The new fields default to "not declared", so that specs written before them still load: the
+    host then checks only ``modality``, ``produces`` and ``reads``.
     """
 
     name: str
@@ -350,3 +434,26 @@ class ComponentSpec:
     reads: tuple[str, ...] = ()
     description: str = ""
     provider: str = ""
+    rollout: str | tuple[str, ...] = ()
+    capabilities: Any = frozenset()
+    accepts: tuple[str, ...] = ()
+    requires: Any = frozenset()
+
+    @property
+    def formats(self) -> frozenset[str]:
+        """The declared rollout formats (``rollout`` as a set; empty when not declared)."""
+        return _as_set(self.rollout, None)
+
+    def capabilities_for(self, params: Any) -> frozenset[str]:
+        """The capabilities of this component built from ``params`` (its config object)."""
+        return _as_set(self.capabilities, params)
+
+    def requirements_for(self, params: Any) -> frozenset[str]:
+        """The capabilities this component needs when built from ``params`` (its config object)."""
+        return _as_set(self.requires, params)
+
+    def requirement_hints(self, params: Any) -> dict[str, str]:
+        """``{capability: hint}`` for the needs that ``requires`` explains (when it is, or returns,
+        a mapping of capability to a sentence such as "set update.beta: 0 to train without it")."""
+        value = self.requires(params) if callable(self.requires) else self.requires
+        return {k: v for k, v in value.items() if v} if isinstance(value, Mapping) else {}

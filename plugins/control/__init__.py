@@ -29,16 +29,30 @@ __all__ = [
 ]
 
 
+def gaussian_capabilities(config: GaussianPolicyConfig) -> set[str]:
+    """Box actions with per-step log-probs, entropies and action likelihoods; SAC's squashed
+    parameterisation with ``squash``; a value head with ``value_head``. No reference policy (it is
+    trained from scratch)."""
+    caps = {"box_actions", "step_log_probs", "entropy", "action_likelihood"}
+    if config.squash:
+        caps.add("squashed_actions")
+    if config.value_head:
+        caps.add("value_head")
+    return caps
+
+
 @hookimpl
 def polyrl_policies():
     return [ComponentSpec("gaussian", GaussianPolicy, GaussianPolicyConfig, modality="env",
+                          rollout=("env_steps", "transitions"), capabilities=gaussian_capabilities,
                           description="diagonal Gaussian MLP policy for gymnasium Box actions (tanh-squashed or clipped, optional value head)")]
 
 
 @hookimpl
 def polyrl_samplers():
     return [ComponentSpec("gym", lambda cfg, policy=None: GymSampler(cfg, policy), GymSamplerConfig, modality="env",
-                          produces=("env_rewards", "transitions"),
+                          produces=("env_rewards", "transitions"), rollout=("env_steps", "transitions"),
+                          requires={"box_actions"},
                           description="one episode per context in a gymnasium vector env (observations, actions, env rewards)")]
 
 
@@ -57,15 +71,17 @@ def polyrl_rewards():
 @hookimpl
 def polyrl_updates():
     return [
-        ComponentSpec("sac", SAC, SACConfig, description="soft actor-critic: replay buffer, twin critics, learned temperature"),
-        ComponentSpec("bc", BehaviourCloning, BCConfig, description="behaviour cloning on demonstrations (log-likelihood or MSE)"),
+        ComponentSpec("sac", SAC, SACConfig, accepts=("transitions",),
+                      requires={"squashed_actions": "set policy.squash: true"}, description="soft actor-critic: replay buffer, twin critics, learned temperature"),
+        ComponentSpec("bc", BehaviourCloning, BCConfig, accepts=("env_steps", "transitions"),
+                      requires={"action_likelihood"}, description="behaviour cloning on demonstrations (log-likelihood or MSE)"),
     ]
 
 
 @hookimpl
 def polyrl_configure(config):
     """Episodes of the ``gym`` sampler are named by their prompt: it must be the policy's environment."""
-    if config.sampler.name != "gym" or config.policy.name != "gaussian":
+    if not isinstance(config.sampler.params, GymSamplerConfig) or not isinstance(config.policy.params, GaussianPolicyConfig):
         return
     env = config.policy.params.env
     items = config.prompts.items

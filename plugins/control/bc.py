@@ -42,10 +42,6 @@ class BCConfig:
             raise ConfigError("update.batch_size and update.steps_per_iteration must be >= 1")
         load_demos(self.demos, self.demo_episodes)
 
-    def check_run(self, cfg: Any) -> None:
-        if cfg.policy.name != "gaussian":
-            raise ConfigError(f"update 'bc' trains the 'gaussian' policy, got policy.name={cfg.policy.name!r}")
-
 
 def bc_loss(out: dict[str, torch.Tensor], target_actions: torch.Tensor, loss: str) -> torch.Tensor:
     """``-mean log_probs`` (``mle``) or ``mean (mean_actions - target)^2`` (``mse``, targets in ``[-1, 1]``)."""

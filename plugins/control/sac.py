@@ -97,10 +97,6 @@ class SACConfig:
         if not self.critic_hidden_sizes or any(h < 1 for h in self.critic_hidden_sizes):
             raise ConfigError(f"update.critic_hidden_sizes must be positive widths, got {self.critic_hidden_sizes}")
 
-    def check_run(self, cfg: Any) -> None:
-        if cfg.policy.name == "gaussian" and not cfg.policy.params.squash:
-            raise ConfigError("update 'sac' needs a tanh-squashed policy: set policy.squash: true")
-
 
 # ---------------------------------------------------------------------------- the losses
 def sac_critic_loss(q1: torch.Tensor, q2: torch.Tensor, rewards: torch.Tensor, terminations: torch.Tensor,

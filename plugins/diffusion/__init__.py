@@ -27,6 +27,15 @@ __all__ = [
 ]
 
 
+def pipeline_capabilities(config: DiffusionPolicyConfig) -> set[str]:
+    """What a diffusers-pipeline policy offers: per-step log-probs, and a reference policy (the
+    adapter disabled) unless the whole UNet is trained."""
+    caps = {"step_log_probs"}
+    if not config.train_full_unet:
+        caps.add("reference")
+    return caps
+
+
 def _make_policy(config: DiffusionPolicyConfig) -> DiffusionPolicy:
     return DiffusionPolicy(config)
 
@@ -44,6 +53,8 @@ def polyrl_policies() -> list[ComponentSpec]:
             factory=_make_policy,
             config_cls=DiffusionPolicyConfig,
             modality="image",
+            rollout="diffusion_steps",
+            capabilities=pipeline_capabilities,
             description="Stable Diffusion 1.x (diffusers) with a LoRA adapter on the UNet; DDIM step log-probs",
         )
     ]
@@ -59,6 +70,7 @@ def polyrl_samplers() -> list[ComponentSpec]:
             config_cls=DDIMSamplerConfig,
             modality="image",
             produces=("images",),
+            rollout="diffusion_steps",
             description="stochastic DDIM (eta > 0) with classifier-free guidance, recording every step (DDPO)",
         )
     ]

@@ -30,12 +30,16 @@ __all__ = ["DiffusionPolicy", "DiffusionPolicyConfig"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-try:  # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns)
-    from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
 
-    _DTYPE_KWARG = "dtype"
-except ImportError:  # pragma: no cover - older diffusers
-    _DTYPE_KWARG = "torch_dtype"
+
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype keyword: diffusers renamed ``torch_dtype`` to ``dtype`` (the old
+    name warns). Looked up when a pipeline loads, so that importing this module needs no diffusers."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:  # pragma: no cover - older diffusers
+        return "torch_dtype"
+    return "dtype"
 
 
 @dataclass
@@ -67,14 +71,6 @@ class DiffusionPolicyConfig:
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
         check_policy_settings(self, "a Stable-Diffusion-1.x diffusers pipeline folder")
-
-    def check_run(self, cfg) -> None:
-        """The ``diffusion`` policy rescores DDIM steps: the ``lcm`` sampler's rollouts do not fit it."""
-        if cfg.sampler.name == "lcm":
-            raise ConfigError(
-                "sampler.name: policy 'diffusion' is trained on DDIM steps and is sampled by 'ddim', not 'lcm' "
-                "(for a latent consistency model use policy 'lcm' with sampler 'lcm')"
-            )
 
 
 def check_policy_settings(cfg, what: str) -> None:
@@ -134,7 +130,7 @@ def load_pipeline(config, pipeline_class: str = "StableDiffusionPipeline"):
             source,
             revision=None if local else config.revision,
             variant=config.variant,
-            **{_DTYPE_KWARG: _DTYPES[config.torch_dtype]},
+            **{_dtype_kwarg(): _DTYPES[config.torch_dtype]},
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

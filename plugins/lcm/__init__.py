@@ -16,6 +16,7 @@ The action density is :func:`lcm_step_with_logprob`: ``π(x_{n+1} | x_n) = N(√
 from __future__ import annotations
 
 from polyrl import ComponentSpec, hookimpl
+from polyrl.plugins.diffusion import pipeline_capabilities
 
 from .lcm import guidance_embedding, lcm_step_with_logprob, lcm_timesteps
 from .policy import LCMPolicy, LCMPolicyConfig
@@ -49,6 +50,8 @@ def polyrl_policies() -> list[ComponentSpec]:
             factory=_make_policy,
             config_cls=LCMPolicyConfig,
             modality="image",
+            rollout="consistency_steps",
+            capabilities=pipeline_capabilities,
             description="latent consistency model (diffusers LCM pipeline) with a LoRA adapter; RLCM step log-probs",
         )
     ]
@@ -64,6 +67,7 @@ def polyrl_samplers() -> list[ComponentSpec]:
             config_cls=LCMSamplerConfig,
             modality="image",
             produces=("images",),
+            rollout="consistency_steps",
             description="few-step LCM sampling with the guidance embedding, recording each re-noising step (RLCM)",
         )
     ]

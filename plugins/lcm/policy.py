@@ -53,13 +53,6 @@ class LCMPolicyConfig:
         """Reject impossible settings before any model loads."""
         check_policy_settings(self, "a diffusers LatentConsistencyModelPipeline folder")
 
-    def check_run(self, cfg) -> None:
-        """The ``lcm`` policy rescores consistency steps: DDIM rollouts do not fit it."""
-        if cfg.sampler.name == "ddim":
-            raise ConfigError(
-                "sampler.name: policy 'lcm' is trained on consistency steps and is sampled by 'lcm', not 'ddim'"
-            )
-
 
 class LCMPolicy(DiffusionPolicy):
     """A latent consistency model as a policy over its few sampling steps (RLCM).

@@ -43,9 +43,13 @@ def polyrl_policies():
     from .policy import LilGymCNNConfig, LilGymCNNPolicy
 
     return [
-        ComponentSpec("lilgym_cnn", LilGymCNNPolicy, LilGymCNNConfig, modality="env",
+        ComponentSpec("lilgym_cnn", LilGymCNNPolicy, LilGymCNNConfig, modality="env", rollout="env_steps",
+                      capabilities=lambda c: {"lilgym_actions", "step_log_probs", "entropy"} | (
+                          {"value_head"} if c.value_head else set()),
                       description="lilGym agent: CNN over the image + transformers sentence encoder, factorised masked actions, value head"),
-        ComponentSpec("lilgym_lm", LilGymLMPolicy, LilGymLMConfig, modality="env",
+        ComponentSpec("lilgym_lm", LilGymLMPolicy, LilGymLMConfig, modality="env", rollout="env_steps",
+                      capabilities=lambda c: {"lilgym_text_actions", "step_log_probs", "entropy", "reference"} | (
+                          {"value_head"} if c.value_head else set()),
                       description="lilGym agent: a causal LM that reads the sentence and the world in words and writes the action"),
     ]
 
@@ -58,9 +62,11 @@ def polyrl_samplers():
     return [
         ComponentSpec("lilgym", lambda cfg, policy=None: LilGymSampler(cfg, policy), LilGymSamplerConfig,
                       modality="env", produces=("env_rewards", "lilgym_success", "episode_lengths", "images", "texts"),
+                      rollout="env_steps", requires={"lilgym_actions"},
                       description="lilGym episodes (TowerScratch, TowerFlipIt, ScatterScratch, ScatterFlipIt) with action masks"),
         ComponentSpec("lilgym_text", lambda cfg, policy=None: LilGymTextSampler(cfg, policy), LilGymTextSamplerConfig,
                       modality="env", produces=("env_rewards", "lilgym_success", "episode_lengths", "texts"),
+                      rollout="env_steps", requires={"lilgym_text_actions"},
                       description="multi-turn lilGym episodes for a language-model agent (actions written as text)"),
     ]
 
@@ -79,32 +85,26 @@ def polyrl_rewards():
     ]
 
 
-@hookimpl(wrapper=True)
-def polyrl_sample(trainer, contexts):
+@hookimpl
+def polyrl_iteration_start(trainer, iteration):
     """Tell a lilGym sampler which training iteration it samples (for its stop-forcing schedule)."""
     sampler = getattr(trainer, "sampler", None)
     if hasattr(sampler, "stop_forcing_now"):
-        sampler.iteration = int(trainer.iteration)
-    return (yield)
+        sampler.iteration = int(iteration)
 
 
 @hookimpl
 def polyrl_configure(config):
-    """The lilGym samplers' task and the lilGym policies' action set must agree."""
-    if config.sampler.name not in ("lilgym", "lilgym_text"):
-        return
+    """The lilGym sampler's task and the lilGym policy's appearance must agree (which policy pairs
+    with which sampler is declared on their specs and checked by the host)."""
+    task = getattr(config.sampler.params, "task", None)
     from .data import TASKS
 
-    pairs = {"lilgym_cnn": "lilgym", "lilgym_lm": "lilgym_text"}
-    wanted = pairs.get(config.policy.name)
-    if wanted is not None and wanted != config.sampler.name:
-        raise ConfigError(
-            f"sampler.name: policy {config.policy.name!r} plays episodes through sampler {wanted!r}, "
-            f"not {config.sampler.name!r}; accepted pairs: {pairs}"
-        )
-    appearance = TASKS[config.sampler.params.task][0]
+    if task not in TASKS:
+        return
+    appearance = TASKS[task][0]
     policy_appearance = getattr(config.policy.params, "appearance", None)
-    if config.policy.name.startswith("lilgym") and policy_appearance not in (None, appearance):
+    if policy_appearance not in (None, appearance):
         raise ConfigError(
             f"policy.appearance={policy_appearance!r} does not match sampler.task={config.sampler.params.task!r} "
             f"({appearance}); set policy.appearance: {appearance}"

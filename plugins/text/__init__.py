@@ -19,7 +19,7 @@ Example run config::
 
 from __future__ import annotations
 
-from polyrl import ComponentSpec, ConfigError, hookimpl
+from polyrl import ComponentSpec, hookimpl
 
 from .logits import SamplingSettings, process_logits, token_log_probs
 from .policy import CausalLMConfig, CausalLMPolicy
@@ -39,6 +39,20 @@ __all__ = [
 ]
 
 
+def lm_capabilities(kind: str):
+    """The capabilities of a language-model policy config: per-token log-probs, entropies, the
+    reference policy (adapter disabled, or a frozen copy when fully fine-tuned), NLPO's token mask,
+    and a value head when ``value_head`` is set."""
+
+    def capabilities(config: CausalLMConfig) -> set[str]:
+        caps = {kind, "step_log_probs", "entropy", "reference", "token_mask"}
+        if config.value_head:
+            caps.add("value_head")
+        return caps
+
+    return capabilities
+
+
 @hookimpl
 def polyrl_policies() -> list[ComponentSpec]:
     return [
@@ -47,6 +61,8 @@ def polyrl_policies() -> list[ComponentSpec]:
             factory=lambda cfg: CausalLMPolicy(cfg),
             config_cls=CausalLMConfig,
             modality="text",
+            rollout="tokens",
+            capabilities=lm_capabilities("causal_lm"),
             description="transformers causal LM (AutoModelForCausalLM), full fine-tuning or LoRA",
         ),
         ComponentSpec(
@@ -54,6 +70,8 @@ def polyrl_policies() -> list[ComponentSpec]:
             factory=lambda cfg: Seq2SeqLMPolicy(cfg),
             config_cls=CausalLMConfig,
             modality="text",
+            rollout="tokens",
+            capabilities=lm_capabilities("seq2seq_lm"),
             description="transformers encoder-decoder LM (AutoModelForSeq2SeqLM: T5, BART), full fine-tuning or LoRA",
         ),
     ]
@@ -68,6 +86,9 @@ def polyrl_samplers() -> list[ComponentSpec]:
             config_cls=TextSamplerConfig,
             modality="text",
             produces=("texts", "completion_ids"),
+            rollout="tokens",
+            requires={"causal_lm"},
+            capabilities={"dataset_resets"},
             description="batched ancestral sampling with KV cache (temperature, top-k, top-p, EOS)",
         ),
         ComponentSpec(
@@ -76,21 +97,9 @@ def polyrl_samplers() -> list[ComponentSpec]:
             config_cls=TextSamplerConfig,
             modality="text",
             produces=("texts", "completion_ids"),
+            rollout="tokens",
+            requires={"seq2seq_lm"},
+            capabilities={"dataset_resets"},
             description="encoder once, then batched decoding with KV cache (temperature, top-k, top-p, EOS)",
         ),
     ]
-
-
-SAMPLER_FOR = {"causal_lm": "generate", "seq2seq_lm": "seq2seq_generate"}
-
-
-@hookimpl
-def polyrl_configure(config) -> None:
-    """A causal LM samples with ``generate``, an encoder-decoder LM with ``seq2seq_generate``."""
-    want = SAMPLER_FOR.get(config.policy.name)
-    other = {v: k for k, v in SAMPLER_FOR.items()}
-    if want is not None and config.sampler.name in other and config.sampler.name != want:
-        raise ConfigError(
-            f"sampler.name: {config.sampler.name!r} samples {other[config.sampler.name]} policies; "
-            f"policy {config.policy.name!r} needs another; accepted: {want!r}"
-        )

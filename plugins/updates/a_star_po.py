@@ -86,7 +86,7 @@ class AStarPO(Update):
 
     # -------------------------------------------------------------------------- stage 1
     @torch.no_grad()
-    def run_start(self, trainer) -> None:
+    def setup(self, trainer) -> None:
         """Estimate ``V*`` for every prompt (unless restored from a checkpoint)."""
         prompts = list(dict.fromkeys(p for p, _ in trainer.prompts.rows))
         if all(p in self.v_star for p in prompts):

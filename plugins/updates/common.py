@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from accelerate.utils import gather_object
 
 from polyrl.types import ConfigError, Rollout
 
@@ -45,6 +44,8 @@ def gather_rewards(trainer, rollout: Rollout, rewards: torch.Tensor) -> tuple[to
     acc = trainer.accelerator
     local = rewards.detach().float().to(acc.device)
     all_rewards = acc.gather(local).cpu()
+    from accelerate.utils import gather_object  # imported when an update runs, not when the plugin loads
+
     all_prompts = gather_object(list(rollout.prompts)) if acc.num_processes > 1 else list(rollout.prompts)
     b = local.shape[0]
     return all_rewards, all_prompts, slice(acc.process_index * b, (acc.process_index + 1) * b)

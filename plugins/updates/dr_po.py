@@ -10,26 +10,30 @@ the KL penalty and GAE (whose first state is the reset state).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from polyrl.types import ConfigError, Rollout
 
-from .ppo import PPO
+from .ppo import PPO, PPOConfig
+
+
+@dataclass
+class DRPOConfig(PPOConfig):
+    """Settings of the DR-PO update: PPO's (same defaults). Its sampler must reset samples to
+    dataset prefixes (the ``dataset_resets`` capability, checked by the host) and name the prompt
+    column that holds the responses (``sampler.reset_column``)."""
+
+    def check_run(self, cfg: Any) -> None:
+        super().check_run(cfg)
+        check_reset_sampler(cfg)
 
 
 def check_reset_sampler(config: Any) -> None:
-    """``dr_po`` needs a sampler that resets to dataset prefixes (``sampler.reset_column``)."""
-    if config.update.name != "dr_po":
-        return
-    params = config.sampler.params
-    if not hasattr(params, "reset_column"):
-        raise ConfigError(
-            f"update 'dr_po' needs a sampler with dataset resets (sampler.reset_column); "
-            f"sampler {config.sampler.name!r} has none; accepted: 'generate', 'seq2seq_generate'"
-        )
-    if not params.reset_column:
+    """``dr_po`` needs ``sampler.reset_column``: the prompt column holding the dataset responses."""
+    if not getattr(config.sampler.params, "reset_column", None):
         raise ConfigError(
             "sampler.reset_column: dr_po resets samples to prefixes of dataset responses; set it to the prompt "
             "column that holds them (a JSONL prompts file with e.g. {\"prompt\": ..., \"response\": ...})"

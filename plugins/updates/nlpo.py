@@ -23,11 +23,11 @@ import torch
 
 from polyrl.types import ConfigError, Rollout
 
-from .ppo import PPO, _check_ppo_fields, _check_ppo_run
+from .ppo import PPO, PPOConfig, _check_ppo_fields, _check_ppo_run
 
 
 @dataclass
-class NLPOConfig:
+class NLPOConfig(PPOConfig):
     """Settings of the NLPO update: PPO's (same defaults) and the action mask (RL4LMs' IMDB run)."""
 
     mask_top_p: float = 0.9
@@ -36,31 +36,6 @@ class NLPOConfig:
     """The mask keeps at least this many tokens at every step."""
     mask_update_interval: int = 5
     """Iterations between refreshes of the masking policy (psi <- theta): NLPO's mu."""
-    kl_coef: float = 0.1
-    """Initial weight ``beta`` of the token-level KL penalty in the reward (0 disables it and
-    skips reference passes)."""
-    kl_target: float | None = 0.1
-    """Target of the adaptive KL controller (mean per-step KL); null keeps ``beta`` fixed."""
-    gamma: float = 1.0
-    """Discount of GAE."""
-    lam: float = 0.95
-    """GAE's lambda (1 gives Monte-Carlo returns minus values, 0 one-step TD errors)."""
-    clip_range: float = 0.2
-    """Ratio clip epsilon of the surrogate."""
-    clip_range_value: float | None = 0.2
-    """Clip of the value prediction around the values before the update; null disables it."""
-    vf_coef: float = 0.5
-    """Weight of the value loss."""
-    ent_coef: float = 0.0
-    """Weight of the entropy bonus (subtracted from the loss)."""
-    whiten_advantages: bool = True
-    """Normalise the advantages to zero mean and unit variance over the iteration's valid steps."""
-    inner_epochs: int = 4
-    """Optimisation passes over each iteration's samples."""
-    train_batch_size: int = 8
-    """Samples per micro-batch on each process."""
-    gradient_accumulation_batches: int = 1
-    """Micro-batches per optimizer step."""
 
     def check(self) -> None:
         _check_ppo_fields(self)
@@ -89,7 +64,7 @@ class NLPO(PPO):
         super().__init__(cfg)
         self.mask_state: dict[str, torch.Tensor] | None = None  # trained weights of pi_psi
 
-    def run_start(self, trainer) -> None:
+    def setup(self, trainer) -> None:
         """Install the masking policy: the restored one, or a copy of the initial policy."""
         policy = trainer.policy
         if not hasattr(policy, "set_action_mask"):
@@ -103,7 +78,7 @@ class NLPO(PPO):
 
     def kl_rollout(self, trainer, rollout: Rollout) -> tuple[Rollout, torch.Tensor]:
         if trainer.policy.mask_model is None:
-            self.run_start(trainer)
+            self.setup(trainer)
         plain = unmasked(rollout)
         n = self.cfg.train_batch_size
         with torch.no_grad():  # log pi_theta_old, unmasked, in micro-batches
