@@ -11,13 +11,12 @@ is the step: :meth:`LCMPolicy.forward` rescores recorded consistency steps with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
 from polyrl import ConfigError, Rollout
-from polyrl.plugins.diffusion.policy import DiffusionPolicy, check_policy_settings
+from polyrl.plugins.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig, check_policy_settings
 
 from .lcm import guidance_embedding, lcm_step_with_logprob
 
@@ -25,29 +24,19 @@ __all__ = ["LCMPolicy", "LCMPolicyConfig"]
 
 
 @dataclass
-class LCMPolicyConfig:
-    """A latent consistency model pipeline trained through a LoRA adapter on its UNet."""
+class LCMPolicyConfig(DiffusionPolicyConfig):
+    """A latent consistency model pipeline trained through a LoRA adapter on its UNet. The
+    settings are the ``diffusion`` policy's; the defaults below differ (RLCM's)."""
 
     pretrained: str = "assets/tiny-lcm"
     """Hub id or local folder of a diffusers ``LatentConsistencyModelPipeline`` (e.g.
     ``SimianLuo/LCM_Dreamshaper_v7``). A relative folder is looked up in the current directory,
     then in the polyrl checkout."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of ``pretrained``; ignored for local folders."""
-    variant: str | None = None
-    """Weight variant to load (``fp16`` loads ``*.fp16.safetensors``); ``null`` for the default."""
-    torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Storage dtype of the frozen weights (VAE, text encoder, UNet base weights). Trainable
-    parameters (the LoRA, or the whole UNet with ``train_full_unet``) always stay float32."""
     lora_rank: int = 8
     """Rank ``r`` of the LoRA adapter on the UNet (RLCM: 8 for aesthetic, 16 for the other tasks)."""
     lora_alpha: float | None = 8.0
     """LoRA scaling numerator ``alpha`` (the update is scaled by ``alpha / r``; RLCM: 8 with r 8,
     32 with r 16); ``null`` means ``alpha = lora_rank``."""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names that receive LoRA layers (the attention projections, as in RLCM)."""
-    train_full_unet: bool = False
-    """Train every UNet weight instead of a LoRA adapter (no reference policy is available then)."""
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
