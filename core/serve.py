@@ -319,13 +319,16 @@ class RewardServer:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.socket: socket.socket | None = sock
+        self._url: str | None = None
 
     @property
     def url(self) -> str:
-        if self.socket is None:
-            raise RuntimeError("the server is not bound yet")
-        host, port = self.socket.getsockname()[:2]
-        return f"http://{host}:{port}"
+        if self._url is None:
+            if self.socket is None:
+                raise RuntimeError("the server is not bound yet")
+            host, port = self.socket.getsockname()[:2]
+            self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return self._url
 
     def info(self) -> dict[str, Any]:
         s = self.settings
@@ -431,9 +434,10 @@ class RewardServer:
     def serve_forever(self, announce: bool = True) -> None:
         """Serve in this thread until Ctrl-C / SIGTERM; prints the address first."""
         sock = self.bind()
+        url = self.url
         if announce:
             auth = "bearer token required" if self.settings.token else "no token"
-            print(f"polyrl: serving reward {self.name!r} (reads {self.reads}) at {self.url} "
+            print(f"polyrl: serving reward {self.name!r} (reads {self.reads}) at {url} "
                   f"(POST /score, GET /health, GET /info; {auth}); Ctrl-C stops", flush=True)
         try:
             self._uvicorn().run(sockets=[sock])

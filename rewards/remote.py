@@ -122,7 +122,7 @@ def decode_png(data: str, max_pixels: int = 4096 * 4096) -> np.ndarray:
     if img.mode != "RGB":
         raise ValueError(f"expected an 8-bit RGB PNG, got mode {img.mode!r}")
     try:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return np.array(img.convert("RGB"), dtype=np.uint8)
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
         raise ValueError(f"corrupt PNG ({type(e).__name__}: {e})") from None
 
