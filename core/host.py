@@ -7,6 +7,7 @@ A plugin that fails to import is reported with a warning naming it, and the rest
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.metadata as md
 import time
 import warnings
@@ -211,11 +212,15 @@ class Host:
         policy_name, policy_section, policy_spec = component_spec("policy", "policy")
         sampler_name, sampler_section, sampler_spec = component_spec("sampler", "sampler")
         update_name, update_section, update_spec = component_spec("update", "update")
-        if sampler_spec.modality not in ("any", policy_spec.modality):
+        if sampler_spec.modality not in ("any", policy_spec.modality):  # before their settings are read
+            defaults = _default_params(policy_spec)
+            fits = (self.samplers_for(policy_name, defaults) if defaults is not _NO_DEFAULT else
+                    [n for n, s in self.registry["sampler"].items() if s.modality in ("any", policy_spec.modality)])
+            verb = _SAMPLED_BY.get(next(iter(sorted(policy_spec.formats)), ""), "is sampled by")
             raise ConfigError(
                 f"sampler.name: {sampler_name!r} samples {sampler_spec.modality} but policy {policy_name!r} is "
-                f"{policy_spec.modality}; samplers for it: "
-                f"{sorted(n for n, s in self.registry['sampler'].items() if s.modality in ('any', policy_spec.modality))}"
+                f"{policy_spec.modality}: policy {policy_name!r} {verb} {_names(fits)}, not {sampler_name!r}; "
+                f"accepted: {_names(fits)}"
             )
         policy = ComponentConfig(policy_name, from_dict(policy_spec.config_cls, policy_section, "policy"))
         sampler = ComponentConfig(sampler_name, from_dict(sampler_spec.config_cls, sampler_section, "sampler"))
@@ -234,8 +239,8 @@ class Host:
             name = section.pop("name", key)
             spec = self.spec("reward", name, f"rewards.{key}" + (".name" if name != key else ""))
             weight = section.pop("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise ConfigError(f"rewards.{key}.weight: expected a number, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"rewards.{key}.weight: expected a finite number, got {str(weight)[:40]!r}")
             missing = [r for r in spec.reads if r not in sampler_spec.produces]
             if missing:
                 raise ConfigError(
