@@ -104,7 +104,8 @@ def save_checkpoint(
         )
     final = checkpoint_path(run_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
-    needed = sum(v.numel() * v.element_size() for v in trainable.values())
+    # the weights, and AdamW's two moments of the same size in optimizer.pt
+    needed = 3 * sum(v.numel() * v.element_size() for v in trainable.values())
     free = free_bytes(final.parent)
     if free is not None and needed > free:
         raise disk_full(final, needed, OSError(28, "No space left on device"))
@@ -129,10 +130,13 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):
-            raise disk_full(final, needed, e) from None
+        # torch.save reports a failed write as a RuntimeError ("iostream error"): a full disk when
+        # the free space is gone
+        left = free_bytes(final.parent)
+        if is_disk_full(e) or (isinstance(e, RuntimeError) and left is not None and left < needed):
+            raise disk_full(final, needed, OSError(28, "No space left on device")) from None
         raise
     if keep is not None:
         for _, p in checkpoints(run_dir)[:-keep]:

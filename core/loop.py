@@ -363,9 +363,14 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", sample=f"{t1 - t0:.1f}s",
                                 reward_t=f"{t2 - t1:.1f}s", update=f"{t3 - t2:.1f}s")
 
+                periodic = it % run.save_every == 0 or it == run.iterations
+                if periodic:
+                    trainer.save(it)
+                    acc.wait_for_everyone()
+                # read after the periodic save, so that a signal that arrived during it stops here
                 stop = torch.tensor(float(trainer._stop_requested), device=acc.device)
                 stop = acc.reduce(stop, reduction="sum").item() > 0
-                if it % run.save_every == 0 or it == run.iterations or stop:
+                if stop and not periodic:
                     trainer.save(it)
                     acc.wait_for_everyone()
                 if acc.is_main_process and run.report and run.report_every and it % run.report_every == 0:

@@ -61,12 +61,13 @@ def check_resume(config: RunConfig) -> list[str]:
             f"--resume: run.seed={config.run.seed} but the checkpoint was trained with seed {_short(meta['seed'])}; "
             f"a resumed run keeps its seed (start a new run for another seed)"
         )
-    if config.run.iterations <= done:
-        raise ResumeError(
-            f"--resume: the run has already completed {done} iterations and run.iterations={config.run.iterations}; "
-            f"nothing to do. To train further, raise it: `polyrl train --resume {run_dir} run.iterations={done + 10}`"
-        )
+    nothing_to_do = ResumeError(
+        f"--resume: the run has already completed {done} iterations and run.iterations={config.run.iterations}; "
+        f"nothing to do. To train further, raise it: `polyrl train --resume {run_dir} run.iterations={done + 10}`"
+    )
     if not isinstance(stored, dict):
+        if config.run.iterations <= done:
+            raise nothing_to_do
         return [f"the checkpoint {path.name} holds no readable config; the resumed config could not be compared"]
     old, new = _flatten(stored), _flatten(config.to_dict())
     refused, applied = [], []
@@ -84,4 +85,6 @@ def check_resume(config: RunConfig) -> list[str]:
             f"{'; ...' if len(refused) > 5 else ''}); these cannot change in a resumed run: "
             f"policy, run.seed, run.prompts_per_iteration, run.samples_per_prompt. Start a new run instead"
         )
+    if config.run.iterations <= done:
+        raise nothing_to_do
     return [f"resumed with a changed setting, applied from iteration {done + 1}: {c}" for c in applied]
