@@ -7,6 +7,7 @@ from polyrl import ComponentSpec, hookimpl
 from .jpeg import JpegCompressibility, JpegConfig, JpegIncompressibility
 from .env import EnvReward, EnvRewardConfig, NormalisedReturn, NormalisedReturnConfig
 from .sentiment import SENTIMENT_SPEC
+from .group import PairwiseWinRate, PairwiseWinRateConfig
 from .remote import REMOTE_SPEC
 
 
@@ -46,5 +47,11 @@ def polyrl_rewards():
             modality="env",
             reads=("env_rewards",),
             description="episode return on the expert = 1, random = 0 scale (log it with weight 0)",
+        ),
+        ComponentSpec(
+            "pairwise_win_rate",
+            lambda cfg, policy=None: PairwiseWinRate(cfg, policy=policy),
+            PairwiseWinRateConfig,
+            description="win rate of each sample against the rest of its group under any reward or judge (Pref-GRPO)",
         ),
     ]

@@ -12,6 +12,9 @@ from polyrl import ComponentSpec, hookimpl
 
 from .aesthetic import AestheticConfig, AestheticReward
 from .clip_score import ClipScore, ClipScoreConfig
+from .hps import HPSConfig, HPSReward
+from .image_reward import ImageRewardConfig, ImageRewardReward
+from .pickscore import PickScoreConfig, PickScoreReward
 
 __all__ = ["AestheticConfig", "AestheticReward", "ClipScore", "ClipScoreConfig"]
 
@@ -38,5 +41,29 @@ def polyrl_rewards() -> list[ComponentSpec]:
             modality="image",
             reads=("images",),
             description="cosine of open_clip image and prompt embeddings (default: the tiny CLIP in assets/)",
+        ),
+        ComponentSpec(
+            "pickscore",
+            lambda cfg, policy=None: PickScoreReward(cfg, device=_device(policy)),
+            PickScoreConfig,
+            modality="image",
+            reads=("images",),
+            description="PickScore (CLIP ViT-H/14 fine-tuned on Pick-a-Pic): logit scale times image-prompt cosine",
+        ),
+        ComponentSpec(
+            "hps",
+            lambda cfg, policy=None: HPSReward(cfg, device=_device(policy)),
+            HPSConfig,
+            modality="image",
+            reads=("images",),
+            description="HPS v2.1 human preference score (open_clip ViT-H/14): image-prompt cosine",
+        ),
+        ComponentSpec(
+            "image_reward",
+            lambda cfg, policy=None: ImageRewardReward(cfg, device=_device(policy)),
+            ImageRewardConfig,
+            modality="image",
+            reads=("images",),
+            description="ImageReward (BLIP ViT-L/16 + cross-attending BERT + MLP), normalised as its authors do",
         ),
     ]
