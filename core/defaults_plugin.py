@@ -32,6 +32,12 @@ def polyrl_reward(trainer, rollout):
             if not torch.isfinite(value).all():
                 raise ValueError(f"reward {name!r} returned non-finite values: {value.tolist()}")
             components[name] = value
+    # each reward's per-sample score, [B, K] in the order of trainer.rewards, for updates that
+    # normalise rewards separately (GRPO's multi_objective_aggregation: normalize_then_sum)
+    if components:
+        rollout.outputs["reward_components"] = torch.stack(
+            [v.sum(1) if v.dim() == 2 else v for v in components.values()], dim=1
+        )
     return compose_rewards(components, [w for _, w, _ in trainer.rewards], rollout.mask.cpu())
 
 

@@ -1,47 +1,137 @@
-"""GRPO: group-relative policy optimisation (Shao et al., 2024).
+"""GRPO: group-relative policy optimisation (Shao et al., 2024, arXiv:2402.03300), with the loss and
+advantage variants that followed it, each selected by a config value and defined as in TRL's
+``GRPOTrainer``.
 
-``G`` samples per prompt form a group; every token of sample ``i`` gets
-``A_i = (R_i - mean_G R) / (std_G R + eps)``. The loss is the token-level clipped surrogate plus,
-when ``beta > 0``, ``beta`` times the k3 estimator of KL to the reference policy::
+``G`` samples per prompt form a group. Advantages (``scale_rewards``)::
 
-    r_t = exp(logp_t - logp_old_t)
-    l_t = -min(r_t * A, clip(r_t, 1 - eps, 1 + eps) * A) + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+    group: A_i = (R_i - mean_group R) / (std_group R + 1e-4)     (the GRPO paper)
+    batch: A_i = (R_i - mean_group R) / (std_batch R + 1e-4)     (PPO Lite, arXiv:2508.08221)
+    none:  A_i =  R_i - mean_group R                             (Dr. GRPO, arXiv:2503.20783)
 
-averaged over each sequence's tokens, then over sequences (``loss_aggregation: sequence_mean``,
-the paper's form) or over all tokens of the batch (``token_mean``).
+(``std`` is Bessel-corrected; "batch" is every sample of the iteration on every process). With
+several rewards, ``multi_objective_aggregation: normalize_then_sum`` is GDPO (Group reward-Decoupled
+Normalization Policy Optimization, arXiv:2601.05242): each reward is normalised within its group
+first, the weighted normalised rewards are summed, and the sum is normalised over the batch::
+
+    A_i = (S_i - mean_batch S) / (std_batch S + 1e-4),  S_i = sum_k w_k (R_ik - mean_group R_k) / (std_group R_k + 1e-4)
+
+The loss is the clipped surrogate plus, when ``beta > 0``, ``beta`` times the k3 estimator of the
+KL to the reference policy::
+
+    token level:    r_t = exp(logp_t - logp_old_t)
+    sequence level: r_t = r = exp(sum_t m_t (logp_t - logp_old_t) / sum_t m_t)       (GSPO, arXiv:2507.18071)
+    l_t = -min(r_t * A, clip(r_t, 1 - eps_low, 1 + eps_high) * A) + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+
+with the asymmetric "clip-higher" range of DAPO (arXiv:2503.14476; ``epsilon_high`` > ``epsilon_low``).
+``loss_type`` aggregates ``l_t`` over the valid tokens ``m_t`` of a micro-batch of ``b`` samples::
+
+    grpo:    mean_i (sum_t m_it l_it / sum_t m_it)              per-sequence mean, then over sequences
+    bnpo:    sum_it m_it l_it / sum_it m_it                      token mean of the micro-batch
+    dr_grpo: sum_it m_it l_it / (b * max_completion_length)     a constant normaliser (Dr. GRPO)
+    dapo:    sum_it m_it l_it / N                                token mean of the optimizer step (DAPO)
+
+``grpo``, ``bnpo`` and ``dr_grpo`` losses are divided by the number of accumulated micro-batches;
+``dapo``'s ``N`` is the count of valid tokens in all micro-batches of the optimizer step on all
+processes (divided by the number of processes, whose gradients are averaged), so the step's
+gradient is that of one token mean over the step's whole batch. TRL counts ``N`` over its whole
+generation batch, which is one optimizer step with its default ``steps_per_generation``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
-from polyrl.stats import group_advantages
 from polyrl.types import ConfigError, Rollout, Update
 
-from .common import sequence_rewards, check_batching, windows
+from .common import check_batching, sequence_rewards, windows
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LEGACY_AGGREGATION = {"sequence_mean": "grpo", "token_mean": "bnpo"}
+SCALE_REWARDS = ("group", "batch", "none")
+STD_EPS = 1e-4  # added to every std, as in TRL
 
 
 @dataclass
 class GRPOConfig:
-    """Settings of the GRPO update (defaults follow TRL's GRPOTrainer)."""
+    """Settings of the GRPO update. Defaults are GRPO's original form (per-sequence mean, group
+    std, symmetric clip); TRL's ``GRPOTrainer`` now defaults to ``loss_type: dapo``."""
 
     beta: float = 0.0
     """Weight of the k3 KL penalty to the reference policy (0 disables it and skips reference passes)."""
     clip_range: float = 0.2
-    """Ratio clip epsilon."""
+    """Ratio clip epsilon on both sides, ``[1 - clip_range, 1 + clip_range]``; ``epsilon_low`` and
+    ``epsilon_high`` override either side."""
+    epsilon_low: float | None = None
+    """Lower clip: the ratio is clipped at ``1 - epsilon_low`` (in [0, 1)). null: ``clip_range``."""
+    epsilon_high: float | None = None
+    """Upper clip: the ratio is clipped at ``1 + epsilon_high`` (>= 0). null: ``clip_range``.
+    DAPO's clip-higher uses ``epsilon_low: 0.2, epsilon_high: 0.28``."""
     inner_epochs: int = 1
     """Optimisation passes over each iteration's samples (GRPO's mu)."""
     train_batch_size: int = 8
     """Samples per micro-batch on each process."""
     gradient_accumulation_batches: int = 1
     """Micro-batches per optimizer step."""
-    scale_rewards: bool = True
-    """Divide by the group's reward std (False: only subtract the group mean)."""
-    loss_aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
-    """How token losses are averaged: per sequence then over sequences, or over all tokens."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
+    """How token losses are aggregated. grpo: mean over each sequence's tokens, then over sequences
+    (the GRPO paper); bnpo: mean over the micro-batch's tokens; dr_grpo: sum over the micro-batch
+    divided by ``train_batch_size * max_completion_length`` (Dr. GRPO); dapo: sum divided by the
+    number of tokens of the whole optimizer step on all processes (DAPO's token-level loss)."""
+    max_completion_length: int | None = None
+    """dr_grpo's constant normaliser (tokens per completion). null: the sampler's
+    ``max_new_tokens`` when it has one, else the rollout's number of steps ``T``."""
+    scale_rewards: Literal["group", "batch", "none"] | bool = "group"
+    """Divide the group-centred rewards by the std of the group ("group", the GRPO paper), of the
+    whole iteration's batch on all processes ("batch"), or not at all ("none", Dr. GRPO). true
+    and false are read as "group" and "none"."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: one ratio per token. sequence: one ratio per sequence, the exponential of the mean
+    token log-ratio (GSPO; pair it with ``loss_type: grpo`` to optimise GSPO's objective)."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """With several rewards: sum_then_normalize computes advantages from the weighted total;
+    normalize_then_sum (GDPO) normalises each reward within its group, sums them with their
+    weights and normalises the sum over the batch (``scale_rewards`` is then not used)."""
+    loss_aggregation: Literal["sequence_mean", "token_mean"] | None = None
+    """Deprecated, read as ``loss_type``: sequence_mean is grpo, token_mean is bnpo. null: unset."""
+
+    def check(self) -> None:
+        if self.loss_aggregation is not None:
+            mapped = LEGACY_AGGREGATION[self.loss_aggregation]
+            if self.loss_type not in ("grpo", mapped):
+                raise ConfigError(
+                    f"update.loss_aggregation={self.loss_aggregation!r} (an old name for update.loss_type={mapped!r}) "
+                    f"contradicts update.loss_type={self.loss_type!r}; set only update.loss_type, one of {list(LOSS_TYPES)}"
+                )
+            self.loss_type, self.loss_aggregation = mapped, None  # type: ignore[assignment]
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"update.scale_rewards={self.scale_rewards!r}; accepted: {list(SCALE_REWARDS)}, true, false")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"update.loss_type={self.loss_type!r}; accepted: {list(LOSS_TYPES)}")
+        if self.beta < 0:
+            raise ConfigError(f"update.beta must be >= 0, got {self.beta}")
+        if self.clip_range <= 0:
+            raise ConfigError(f"update.clip_range must be > 0, got {self.clip_range}")
+        low, high = self.clip_bounds
+        if not 0 <= low < 1:
+            raise ConfigError(f"update.epsilon_low must be in [0, 1) (the ratio's lower clip is 1 - epsilon_low), got {low}")
+        if high < 0:
+            raise ConfigError(f"update.epsilon_high must be >= 0, got {high}")
+        if self.inner_epochs < 1:
+            raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ConfigError(f"update.max_completion_length must be >= 1 or null, got {self.max_completion_length}")
+
+    @property
+    def clip_bounds(self) -> tuple[float, float]:
+        """``(epsilon_low, epsilon_high)`` with ``clip_range`` filling the unset ones."""
+        low = self.clip_range if self.epsilon_low is None else self.epsilon_low
+        high = self.clip_range if self.epsilon_high is None else self.epsilon_high
+        return low, high
 
     def check_run(self, cfg: Any) -> None:
         if cfg.run.samples_per_prompt < 2:
@@ -50,8 +140,66 @@ class GRPOConfig:
                 "accepted: any integer >= 2"
             )
         check_batching("grpo", cfg.run.batch_size, self.train_batch_size, self.gradient_accumulation_batches)
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            length = getattr(cfg.sampler.params, "max_new_tokens", None)
+            if isinstance(length, int) and length >= 1:
+                self.max_completion_length = length
 
 
+# ------------------------------------------------------------------------------------ advantages
+def _std(x: torch.Tensor) -> torch.Tensor:
+    return x.std() if x.numel() > 1 else torch.zeros((), dtype=x.dtype)
+
+
+def _groups(groups: Sequence[int]) -> list[torch.Tensor]:
+    gid = torch.as_tensor(list(groups))
+    return [(gid == g).nonzero(as_tuple=True)[0] for g in torch.unique(gid)]
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, groups: Sequence[int], scale_rewards: str = "group", batch_rewards: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B]`` advantages from ``[B]`` rewards (see the module docstring). ``batch_rewards`` are the
+    rewards of every process for ``scale_rewards="batch"`` (default: ``rewards``)."""
+    rewards = rewards.detach().float().cpu()
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r}; accepted: {list(SCALE_REWARDS)}")
+    adv = torch.empty_like(rewards)
+    for idx in _groups(groups):
+        r = rewards[idx]
+        adv[idx] = r - r.mean()
+        if scale_rewards == "group":
+            adv[idx] = adv[idx] / (_std(r) + STD_EPS)
+    if scale_rewards == "batch":
+        everything = rewards if batch_rewards is None else batch_rewards.detach().float().cpu()
+        adv = adv / (_std(everything) + STD_EPS)
+    return adv
+
+
+def gdpo_rewards(components: torch.Tensor, weights: Sequence[float], groups: Sequence[int]) -> torch.Tensor:
+    """GDPO's summed reward ``S [B]`` from ``[B, K]`` components: each normalised within its group
+    (mean, Bessel std + 1e-4), then weighted and summed. Normalise ``S`` over the batch with
+    :func:`batch_normalize` to get advantages."""
+    components = components.detach().float().cpu()
+    if components.dim() != 2 or components.shape[1] != len(weights):
+        raise ValueError(f"components {tuple(components.shape)} do not match {len(weights)} reward weights")
+    normalised = torch.empty_like(components)
+    for idx in _groups(groups):
+        c = components[idx]
+        std = c.std(0) if c.shape[0] > 1 else torch.zeros(c.shape[1])
+        normalised[idx] = (c - c.mean(0)) / (std + STD_EPS)
+    return (normalised * torch.tensor(list(weights), dtype=torch.float32)).sum(1)
+
+
+def batch_normalize(values: torch.Tensor, batch_values: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x - mean) / (std + 1e-4)`` with the mean and Bessel std of ``batch_values`` (every
+    process's values; default ``values``)."""
+    values = values.detach().float().cpu()
+    everything = values if batch_values is None else batch_values.detach().float().cpu()
+    return (values - everything.mean()) / (_std(everything) + STD_EPS)
+
+
+# ------------------------------------------------------------------------------------ loss
 def grpo_loss(
     logp: torch.Tensor,
     old: torch.Tensor,
@@ -60,13 +208,34 @@ def grpo_loss(
     clip_range: float,
     beta: float = 0.0,
     ref: torch.Tensor | None = None,
-    aggregation: str = "sequence_mean",
+    loss_type: str = "grpo",
+    *,
+    epsilon_high: float | None = None,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO's loss. ``logp``, ``old``, ``ref``, ``mask`` are ``[b, T]``; ``adv`` is ``[b]``."""
-    m = mask.float()
-    a = adv.unsqueeze(1)
-    ratio = torch.exp(logp - old)
-    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_range, 1 + clip_range) * a)
+    """GRPO's loss on one micro-batch (see the module docstring).
+
+    ``logp``, ``old``, ``ref``, ``mask`` are ``[b, T]``; ``adv`` is ``[b]``. ``clip_range`` is the
+    lower clip epsilon and, unless ``epsilon_high`` is given, the upper one. ``loss_type`` also
+    accepts the old names ``sequence_mean`` (grpo) and ``token_mean`` (bnpo). ``dr_grpo`` needs
+    ``max_completion_length`` (default ``T``); ``dapo`` needs ``num_tokens``, the normaliser (the
+    optimizer step's valid tokens on all processes divided by the number of processes).
+    """
+    loss_type = LEGACY_AGGREGATION.get(loss_type, loss_type)
+    eps_low, eps_high = clip_range, clip_range if epsilon_high is None else epsilon_high
+    m = mask.to(logp.dtype)
+    a = adv.to(logp.dtype).unsqueeze(1)
+    log_ratio = logp - old
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    elif importance_sampling_level == "sequence":  # GSPO: length-normalised sequence log-ratio, [b, 1]
+        log_w = ((log_ratio * m).sum(1) / m.sum(1).clamp(min=1)).unsqueeze(1)
+    else:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; accepted: 'token', 'sequence'")
+    ratio = torch.exp(log_w)
+    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
     n_tokens = m.sum().clamp(min=1)
     stats: dict[str, float] = {}
     if beta > 0:
@@ -76,50 +245,101 @@ def grpo_loss(
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref)
         per_token = per_token + beta * kl
         stats["kl_ref"] = ((kl.detach() * m).sum() / n_tokens).item()
-    if aggregation == "sequence_mean":
+    per_token = per_token.expand_as(m)
+    if loss_type == "grpo":
         loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    elif aggregation == "token_mean":
+    elif loss_type == "bnpo":
         loss = (per_token * m).sum() / n_tokens
+    elif loss_type == "dr_grpo":
+        length = logp.shape[1] if max_completion_length is None else max_completion_length
+        loss = (per_token * m).sum() / (logp.shape[0] * length)
+    elif loss_type == "dapo":
+        if num_tokens is None:
+            raise ValueError("grpo_loss: loss_type 'dapo' needs num_tokens (the optimizer step's token count)")
+        loss = (per_token * m).sum() / torch.as_tensor(num_tokens, dtype=logp.dtype, device=logp.device).clamp(min=1)
     else:
-        raise ValueError(f"unknown aggregation {aggregation!r}; accepted: 'sequence_mean', 'token_mean'")
+        raise ValueError(f"unknown loss_type {loss_type!r}; accepted: {list(LOSS_TYPES)}")
     with torch.no_grad():
         d_old = (logp.detach() - old) * m
         stats["approx_kl"] = (0.5 * (d_old**2).sum() / n_tokens).item()
-        stats["clipfrac"] = ((((ratio.detach() - 1).abs() > clip_range).float() * m).sum() / n_tokens).item()
+        r = ratio.detach()
+        a_ = a.expand_as(r)
+        # the ratio outside the clip range, and where the clip removes the gradient (TRL's clip_ratio)
+        weight = m if importance_sampling_level == "token" else torch.ones_like(r)
+        count = weight.sum().clamp(min=1)
+        outside = ((r < 1 - eps_low) | (r > 1 + eps_high)).to(m.dtype)
+        stats["clipfrac"] = ((outside * weight).sum() / count).item()
+        stats["clipfrac_low"] = ((((r < 1 - eps_low) & (a_ < 0)).to(m.dtype) * weight).sum() / count).item()
+        stats["clipfrac_high"] = ((((r > 1 + eps_high) & (a_ > 0)).to(m.dtype) * weight).sum() / count).item()
     return loss, stats
 
 
+# ------------------------------------------------------------------------------------ update
 class GRPO(Update):
     def __init__(self, cfg: GRPOConfig) -> None:
+        cfg.check()
         self.cfg = cfg
+
+    def advantages(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+        """``[B]`` advantages of this process's samples (gathering batch statistics across processes)."""
+        cfg, acc = self.cfg, trainer.accelerator
+        groups = [c.group for c in rollout.contexts]
+
+        def everywhere(x: torch.Tensor) -> torch.Tensor:
+            return acc.gather(x.float().to(acc.device)).cpu() if acc.num_processes > 1 else x
+
+        if cfg.multi_objective_aggregation == "normalize_then_sum":
+            components = rollout.outputs.get("reward_components")
+            weights = [w for _, w, _ in trainer.rewards]
+            if not isinstance(components, torch.Tensor) or components.shape != (rollout.batch_size, len(weights)):
+                raise ValueError(
+                    "update.multi_objective_aggregation='normalize_then_sum' needs the reward components on the rollout "
+                    f"(rollout.outputs['reward_components'], [B={rollout.batch_size}, K={len(weights)}]), which the "
+                    "default polyrl_reward hook adds; a plugin that replaces that hook must add them too"
+                )
+            summed = gdpo_rewards(components, weights, groups)
+            return batch_normalize(summed, everywhere(summed))
+        rewards = sequence_rewards(rewards).detach().float().cpu()
+        batch = everywhere(rewards) if cfg.scale_rewards == "batch" else None
+        return grpo_advantages(rewards, groups, cfg.scale_rewards, batch)
 
     def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
-        rewards = sequence_rewards(rewards)
-        device = trainer.accelerator.device
-        adv = group_advantages(rewards, [c.group for c in rollout.contexts], scale=cfg.scale_rewards).to(device)
+        acc = trainer.accelerator
+        device = acc.device
+        adv = self.advantages(trainer, rollout, rewards).to(device)
         rollout = rollout.to(device)
         if cfg.beta > 0:
             rollout.ref_log_probs = trainer.policy.reference_log_probs(rollout)
         b = rollout.batch_size
+        eps_low, eps_high = cfg.clip_bounds
         g = trainer.generator("update")
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_ref": [], "grad_norm": []}
+        stats: dict[str, list[float]] = {}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
+                num_tokens = None
+                if cfg.loss_type == "dapo":  # the step's valid tokens on all processes, per process
+                    local = rollout.mask[torch.cat(window).to(device)].float().sum().reshape(1)
+                    total = acc.gather(local).sum() if acc.num_processes > 1 else local.sum()
+                    num_tokens = total / acc.num_processes
                 for k, idx in enumerate(window, 1):
                     mb = rollout.select(idx)
                     with trainer.no_sync(sync=k == len(window)):
                         logp = trainer.model(mb)  # [b, T]
                         loss, step_stats = grpo_loss(
-                            logp, mb.log_probs, adv[idx.to(device)], mb.mask, cfg.clip_range,
-                            cfg.beta, mb.ref_log_probs, cfg.loss_aggregation,
+                            logp, mb.log_probs, adv[idx.to(device)], mb.mask, eps_low, cfg.beta, mb.ref_log_probs,
+                            cfg.loss_type, epsilon_high=eps_high, importance_sampling_level=cfg.importance_sampling_level,
+                            max_completion_length=cfg.max_completion_length, num_tokens=num_tokens,
                         )
-                        trainer.backward(loss / len(window))
-                    stats["loss"].append(loss.item())
+                        # dapo's normaliser already spans the whole step; the others average the micro-batches
+                        trainer.backward(loss if cfg.loss_type == "dapo" else loss / len(window))
+                    # logged per micro-batch on the scale of a whole-step loss
+                    stats.setdefault("loss", []).append(loss.item() * (len(window) if cfg.loss_type == "dapo" else 1))
                     for key, value in step_stats.items():
-                        stats[key].append(value)
-                stats["grad_norm"].append(trainer.optimizer_step())
+                        stats.setdefault(key, []).append(value)
+                stats.setdefault("grad_norm", []).append(trainer.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["completion_length"] = rollout.mask.float().sum(1).mean().item()
+        out["advantage_abs_mean"] = adv.abs().mean().item()
         return out

@@ -10,7 +10,14 @@ the *other* ``G - 1`` samples of its group::
 The loss is PPO's clipped surrogate on the *sequence* ratio
 ``rho = exp(sum_t (log pi - log pi_old))``::
 
-    loss = mean_i max(-A_i * rho_i, -A_i * clip(rho_i, 1 - eps, 1 + eps))
+    loss = mean_i max(-A_i * rho_i, -A_i * clip(rho_i, 1 - eps_low, 1 + eps_high))
+
+``eps_low`` and ``eps_high`` are ``clip_range`` unless set apart (DAPO's clip-higher,
+arXiv:2503.14476, as TRL's RLOOTrainer offers it). GRPO's other variants do not apply here: the
+loss has one term per sequence, so there are no token losses for ``loss_type`` to aggregate; the
+ratio is already a sequence ratio (TRL's RLOO uses the unnormalised sum of token log-ratios, not
+GSPO's length-normalised mean); and the leave-one-out baseline replaces GRPO's group
+normalisation, which ``scale_rewards`` and GDPO's per-reward normalisation modify.
 """
 
 from __future__ import annotations
@@ -33,7 +40,13 @@ class RLOOConfig:
     """Weight of the sequence KL to the reference policy subtracted from each reward (0 disables
     it and skips reference passes)."""
     clip_range: float = 0.2
-    """Clip epsilon of the sequence-level ratio."""
+    """Clip epsilon of the sequence-level ratio on both sides; ``epsilon_low`` and ``epsilon_high``
+    override either side."""
+    epsilon_low: float | None = None
+    """Lower clip: the ratio is clipped at ``1 - epsilon_low`` (in [0, 1)). null: ``clip_range``."""
+    epsilon_high: float | None = None
+    """Upper clip: the ratio is clipped at ``1 + epsilon_high`` (>= 0). null: ``clip_range``
+    (DAPO's clip-higher uses 0.28 with a lower epsilon of 0.2)."""
     normalize_advantages: bool = False
     """Divide the leave-one-out advantages by their std over the iteration's samples (all processes)."""
     inner_epochs: int = 4
@@ -48,8 +61,20 @@ class RLOOConfig:
             raise ConfigError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
         if self.clip_range <= 0:
             raise ConfigError(f"update.clip_range must be > 0, got {self.clip_range}")
+        low, high = self.clip_bounds
+        if not 0 <= low < 1:
+            raise ConfigError(f"update.epsilon_low must be in [0, 1) (the ratio's lower clip is 1 - epsilon_low), got {low}")
+        if high < 0:
+            raise ConfigError(f"update.epsilon_high must be >= 0, got {high}")
         if self.inner_epochs < 1:
             raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
+
+    @property
+    def clip_bounds(self) -> tuple[float, float]:
+        """``(epsilon_low, epsilon_high)`` with ``clip_range`` filling the unset ones."""
+        low = self.clip_range if self.epsilon_low is None else self.epsilon_low
+        high = self.clip_range if self.epsilon_high is None else self.epsilon_high
+        return low, high
 
     def check_run(self, cfg: Any) -> None:
         if cfg.run.samples_per_prompt < 2:
@@ -76,18 +101,24 @@ def leave_one_out_advantages(rewards: torch.Tensor, groups: Sequence[int]) -> to
 
 
 def rloo_loss(
-    logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, clip_range: float
+    logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, clip_range: float,
+    epsilon_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate on sequence ratios. ``logp``, ``old``, ``mask`` ``[b, T]``; ``adv`` ``[b]``."""
+    """Clipped surrogate on sequence ratios. ``logp``, ``old``, ``mask`` ``[b, T]``; ``adv`` ``[b]``.
+    ``clip_range`` is the lower clip epsilon and, unless ``epsilon_high`` is given, the upper one."""
+    low, high = clip_range, clip_range if epsilon_high is None else epsilon_high
     m = mask.to(logp.dtype)
     log_ratio = ((logp - old) * m).sum(1)  # [b]
     ratio = torch.exp(log_ratio)
-    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - low, 1 + high))
     loss = pg.mean()
     with torch.no_grad():
+        r = ratio.detach()
         stats = {
             "approx_kl": (0.5 * log_ratio.detach() ** 2).mean().item(),
-            "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
+            "clipfrac": ((r < 1 - low) | (r > 1 + high)).float().mean().item(),
+            "clipfrac_low": ((r < 1 - low) & (adv < 0)).float().mean().item(),
+            "clipfrac_high": ((r > 1 + high) & (adv > 0)).float().mean().item(),
         }
     return loss, stats
 
@@ -114,7 +145,9 @@ class RLOO(Update):
             adv = adv / (all_adv.std() + 1e-8)
         out["advantage_abs_mean"] = adv.abs().mean().item()
         g = trainer.generator("update")
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        low, high = cfg.clip_bounds
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "clipfrac_low": [],
+                                         "clipfrac_high": [], "grad_norm": []}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(rollout.batch_size, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
@@ -122,7 +155,7 @@ class RLOO(Update):
                     mb = rollout.select(idx)
                     with trainer.no_sync(sync=k == len(window)):
                         logp = trainer.model(mb)
-                        loss, step_stats = rloo_loss(logp, mb.log_probs, mb.mask, adv[idx.to(device)], cfg.clip_range)
+                        loss, step_stats = rloo_loss(logp, mb.log_probs, mb.mask, adv[idx.to(device)], low, high)
                         trainer.backward(loss / len(window))
                     stats["loss"].append(loss.item())
                     for key, value in step_stats.items():
