@@ -2,7 +2,8 @@
 
 * gymnasium environments ``polyrl/TowerScratch-v0``, ``polyrl/TowerFlipIt-v0``,
   ``polyrl/ScatterScratch-v0``, ``polyrl/ScatterFlipIt-v0`` (:mod:`.env`; registered when this
-  package is imported, see :mod:`.registration`);
+  package is imported with gymnasium already loaded, when the host collects the lilGym samplers,
+  or by :func:`register_envs`; see :mod:`.registration`);
 * a safe executor for the statements' programs (:mod:`.executor`, over the world DSL of
   :mod:`.dsl` and :mod:`.world`), a PIL renderer (:mod:`.render`), the action sets (:mod:`.actions`)
   and the data loader and downloader (:mod:`.data`).
@@ -30,9 +31,12 @@ from __future__ import annotations
 from polyrl import ComponentSpec, hookimpl
 from polyrl.types import ConfigError
 
+import sys
+
 from .registration import register_envs
 
-register_envs()
+if "gymnasium" in sys.modules:  # gymnasium.make("polyrl.plugins.lilgym:polyrl/TowerScratch-v0") imports us
+    register_envs()  # otherwise the samplers' registration registers them, so that loading the host needs no gymnasium
 
 __all__ = ["register_envs"]
 
@@ -44,8 +48,9 @@ def polyrl_policies():
 
     return [
         ComponentSpec("lilgym_cnn", LilGymCNNPolicy, LilGymCNNConfig, modality="env", rollout="env_steps",
-                      capabilities=lambda c: {"lilgym_actions", "step_log_probs", "entropy"} | (
-                          {"value_head"} if c.value_head else set()),
+                      # no step_log_probs: forward(steps=...) needs a real step among those asked for, which
+                      # step-subset updates (ddpo) do not guarantee on episodes of different lengths
+                      capabilities=lambda c: {"lilgym_actions", "entropy"} | ({"value_head"} if c.value_head else set()),
                       description="lilGym agent: CNN over the image + transformers sentence encoder, factorised masked actions, value head"),
         ComponentSpec("lilgym_lm", LilGymLMPolicy, LilGymLMConfig, modality="env", rollout="env_steps",
                       capabilities=lambda c: {"lilgym_text_actions", "step_log_probs", "entropy", "reference"} | (
@@ -58,6 +63,8 @@ def polyrl_policies():
 def polyrl_samplers():
     from .lm import LilGymTextSampler, LilGymTextSamplerConfig
     from .sampler import LilGymSampler, LilGymSamplerConfig
+
+    register_envs()
 
     return [
         ComponentSpec("lilgym", lambda cfg, policy=None: LilGymSampler(cfg, policy), LilGymSamplerConfig,
