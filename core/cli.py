@@ -30,8 +30,6 @@ def _build_host(plugin_modules: Sequence[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .loop import train
-
     host = _build_host(args.plugin)
     if args.resume:
         if args.config and "=" not in args.config:
@@ -49,6 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = list(args.overrides)
     data = apply_overrides(data, overrides)
     cfg = host.build_config(data)
+    from .loop import train  # after the config is accepted: a rejected one is reported without loading the loop
+
     trainer = train(cfg, host, resume=bool(args.resume))
     if trainer.accelerator.is_main_process:
         print(f"polyrl: run finished: {trainer.run_dir} (report: {trainer.run_dir / 'report' / 'index.html'})")
