@@ -132,8 +132,12 @@ def loads(text: str, name: str = "<string>") -> Any:
         raise ConfigError(f"{_where(loader, mark) or name + ': '}YAML syntax error: {problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{name}: YAML error: {str(e).splitlines()[0][:200]}") from None
+    except ConfigError:
+        raise
     except RecursionError:
         raise ConfigError(f"{name}: nesting too deep to read") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{name}: a value is too long to read ({str(e)[:80]})") from None
     finally:
         loader.dispose()
 

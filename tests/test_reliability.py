@@ -179,7 +179,7 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path):
 
 # ---------------------------------------------------------------------------------- kills at write boundaries
 def _killed_run(run: Path, fault: str, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, POLYRL_FAULT=fault, PYTHONPATH=os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, POLYRL_FAULT=fault, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]))
     data = config(run, iterations=4)
     cfg = run.parent / f"{run.name}.yaml"
     cfg.write_text(json.dumps(data))  # JSON is YAML

@@ -77,7 +77,8 @@ def _check_headers(p: Path, path: str) -> None:
             for m in members:
                 with zf.open(m) as f:
                     version = np.lib.format.read_magic(f)
-                    shape, _, dtype = np.lib.format._read_array_header(f, version)  # header only
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f, max_header_size=10_000)  # the header only
                 if dtype.hasobject:
                     raise _fail(path, f"{m.filename[:-4]!r} is an object array; save plain numeric arrays with numpy.savez")
                 total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
