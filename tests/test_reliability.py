@@ -435,3 +435,37 @@ def test_rlcm_resume_is_exact_with_the_report_on(tmp_path):
     train(host.build_config(cfg(tmp_path / "split", 4)), host, resume=True)
     assert metrics(tmp_path / "split") == metrics(tmp_path / "full")
     assert same_weights(tmp_path / "split", tmp_path / "full")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_a_two_process_launch_saves_and_resumes(tmp_path):
+    """The launcher forwards SIGTERM to both ranks: both finish the iteration, one checkpoint is
+    written, and the run resumes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    data = config(run, iterations=500, save_every=1000)
+    data["run"].update(cpu=True, prompts_per_iteration=1)
+    data["update"]["train_batch_size"] = 4
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(json.dumps(data))
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "polyrl.cli", "train", str(cfg)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    done = len(metrics(run))
+    assert 1 <= done < 500, err[-3000:]
+    assert latest_checkpoint(run) is not None and latest_checkpoint(run).name == f"iter_{done:06d}", err[-3000:]
+    assert err.count("SIGTERM received") == 2, err[-3000:]  # both ranks asked to stop
+    load_checkpoint(latest_checkpoint(run))
