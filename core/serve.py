@@ -451,6 +451,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections (Linux)
     try:
         sock.bind((host, port))
     except OSError as e:
@@ -497,6 +498,11 @@ def main_serve(args: Any) -> int:
     try:
         reward, reads, params = build_served_reward(args.name, args.overrides, args.config, args.device,
                                                     plugins=getattr(args, "plugin", ()))
+    except OSError as e:  # weights that cannot be read or downloaded
+        sock.close()
+        from .errors import PolyrlError
+
+        raise PolyrlError(f"serve-reward: the reward {args.name!r} could not load its weights: {e}") from e
     except BaseException:
         sock.close()
         raise

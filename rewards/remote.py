@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -253,10 +254,12 @@ class RemoteReward(Reward):
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._httpx = httpx
-        self.client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
+        transport = httpx.HTTPTransport(
             limits=httpx.Limits(max_connections=cfg.max_in_flight, max_keepalive_connections=cfg.max_in_flight),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],  # no 40 ms Nagle/delayed-ACK stalls
+        )
+        self.client = httpx.Client(
+            headers=headers, transport=transport, timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s)
         )
         self.pool = ThreadPoolExecutor(cfg.max_in_flight, thread_name_prefix="polyrl-remote-reward")
         self.info = self._request("GET", "/info", None, threading.Event())
@@ -290,13 +293,17 @@ class RemoteReward(Reward):
                 "--max-request-samples"
             )
 
-    def _hint_unreachable(self) -> str:
+    def _hint_unreachable(self, starting: bool = False) -> str:
+        then = (
+            "Nothing was trained yet (a resumed run's checkpoints are untouched): run the same command again once "
+            "the server answers." if starting else
+            "In a training run the last completed iteration has been checkpointed: continue with "
+            "`polyrl train --resume RUN_DIR` once the server answers."
+        )
         return (
             f"Check that `polyrl serve-reward` is running and reachable at this address (`curl {self.base}/health` "
             f"should answer), that the address in the reward's `url` is right, and that it answers within "
-            f"timeout_s={self.cfg.timeout_s:g} s (a busy server: raise timeout_s or lower request_size). In a training "
-            f"run the last completed iteration has been checkpointed: continue with `polyrl train --resume RUN_DIR` "
-            f"once the server answers."
+            f"timeout_s={self.cfg.timeout_s:g} s (a busy server: raise timeout_s or lower request_size). {then}"
         )
 
     def _hint_rejected(self) -> str:
@@ -347,10 +354,10 @@ class RemoteReward(Reward):
                         "iteration has been checkpointed: continue with `polyrl train --resume RUN_DIR` once it is fixed."
                     )
                     raise RemoteRewardError(url, attempts, reason, hint, time.monotonic() - started)
-            if attempts > cfg.retries or stop.is_set():
-                raise RemoteRewardError(url, attempts, reason, self._hint_unreachable(), time.monotonic() - started)
-            if stop.wait(cfg.backoff(attempts)):  # another request of the batch failed for good
-                raise RemoteRewardError(url, attempts, reason, self._hint_unreachable(), time.monotonic() - started)
+            if attempts > cfg.retries or stop.is_set() or stop.wait(cfg.backoff(attempts)):
+                # out of attempts, or another request of the batch failed for good while this one waited
+                raise RemoteRewardError(url, attempts, reason, self._hint_unreachable(starting=chunk is None),
+                                        time.monotonic() - started)
 
     def _score(self, chunk: _Chunk, stop: threading.Event) -> list[float]:
         answer = self._request("POST", "/score", chunk, stop)
