@@ -404,7 +404,7 @@ class RewardServer:
         import uvicorn
 
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_keep_alive=30)
+                                timeout_keep_alive=30, timeout_graceful_shutdown=10)
         self._server = uvicorn.Server(config)
         return self._server
 
