@@ -71,16 +71,29 @@ class RunSettings:
     """Write a checkpoint every this many iterations (and always at the end)."""
     keep_checkpoints: int = 2
     """How many periodic checkpoints to keep (older ones are deleted)."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """accelerate mixed precision for the trainable forward passes."""
+    mixed_precision: Literal["no", "fp16", "bf16", False] = "no"
+    """accelerate mixed precision for the trainable forward passes (``no``: full precision; an
+    unquoted ``no``, which YAML reads as false, means the same)."""
     cpu: bool = False
     """Force the CPU even when a GPU is present."""
+    threads: int = 0
+    """CPU threads each process uses for its tensor operations (``torch.set_num_threads``); 0
+    keeps PyTorch's default, one per core. On a machine shared with other jobs, or with several
+    processes per machine, set it to (free cores / processes): more threads than free cores
+    makes every step slower, not faster."""
     report: bool = True
     """Write report.html with reward curves and samples at the end of the run."""
     report_every: int = 0
     """Also record fixed-seed samples for the report every this many iterations (0: first and last)."""
     progress: bool = True
     """Show a progress bar (main process only)."""
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
+        elif not isinstance(self.mixed_precision, str):
+            raise ConfigError(f"run.mixed_precision: {_short(self.mixed_precision)} is not accepted; choose one of "
+                              f"['no', 'fp16', 'bf16']")
 
     def check(self) -> None:
         for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "save_every", "keep_checkpoints"):
@@ -110,6 +123,8 @@ class RunSettings:
             )
         if self.report_every < 0:
             raise ConfigError(f"run.report_every must be >= 0, got {self.report_every}")
+        if not 0 <= self.threads <= 4096:
+            raise ConfigError(f"run.threads={self.threads} is out of range; accepted: 0 (PyTorch's default) to 4096")
 
     @property
     def batch_size(self) -> int:

@@ -74,6 +74,10 @@ class Trainer:
                 f"`polyrl train --resume {self.run_dir}` or choose another run.output_dir"
             )
         self.accelerator = Accelerator(cpu=run.cpu, mixed_precision=run.mixed_precision)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        if self.accelerator.is_main_process:
+            print(f"polyrl: {launch_summary(self.accelerator)}", file=sys.stderr, flush=True)
         self.iteration = 0
         self.completed = 0
         self.sample_batch = 0
@@ -265,6 +269,18 @@ class Trainer:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def launch_summary(acc: Accelerator) -> str:
+    """One line: how many processes, on which device, in which distributed mode, with how many
+    CPU threads each."""
+    n = acc.num_processes
+    mode = acc.distributed_type.value if n > 1 or acc.distributed_type.value != "NO" else "none"
+    if n > 1 and torch.distributed.is_initialized():
+        mode += f", {torch.distributed.get_backend()}"
+    return (f"{n} process{'es' if n != 1 else ''} on {acc.device.type}, distributed: {mode}, "
+            f"{torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''} each, "
+            f"mixed precision: {acc.mixed_precision}")
 
 
 def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:

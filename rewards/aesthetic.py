@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyrl.paths import resolve_path
+from polyrl.paths import model_load_errors, resolve_path
 from polyrl.types import ConfigError, Reward, Rollout
 
-from .clip_score import check_model_reference, load_open_clip
+from .clip_score import _OPEN_CLIP, _shown, check_model_reference, load_open_clip
 
 __all__ = ["AestheticConfig", "AestheticMLP", "AestheticReward", "fetch_head", "load_aesthetic_head"]
 
@@ -166,9 +166,12 @@ class AestheticReward(Reward):
         self.cfg = cfg
         self.device = torch.device(device)
         cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
-        self.clip, _, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
+        with model_load_errors("rewards.aesthetic.model", _shown(cfg.model, cfg.pretrained), _OPEN_CLIP):
+            self.clip, _, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
         dim = _embed_dim(self.clip)
-        self.head = load_aesthetic_head(fetch_head(cfg.head, cache and Path(cache) / "aesthetic"), dim).to(self.device)
+        with model_load_errors("rewards.aesthetic.head", cfg.head, "a local .pth file"):
+            head_file = fetch_head(cfg.head, cache and Path(cache) / "aesthetic")
+        self.head = load_aesthetic_head(head_file, dim).to(self.device)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polyrl.paths import resolve_path
+from polyrl.paths import model_load_errors, resolve_path
 from polyrl.types import ConfigError, Reward, Rollout
 
 __all__ = ["ClipPreprocess", "ClipScore", "ClipScoreConfig", "load_open_clip", "model_reference", "preprocess_images"]
@@ -105,6 +105,14 @@ def load_open_clip(model: str, pretrained: str | None = None, cache_dir: str | N
     clip.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(ref, cache_dir=cache_dir)
     return clip, tokenizer, ClipPreprocess.from_transform(transform, clip)
+
+
+_OPEN_CLIP = "a local folder in open_clip's local-dir format (open_clip_config.json and weights), or a built-in name with a local checkpoint file as pretrained"
+
+
+def _shown(model: str, pretrained: str | None) -> str:
+    """``model`` as errors name it: with its pretrained tag or file for a built-in name."""
+    return f"{model} (pretrained={pretrained})" if pretrained and not model.startswith(("local-dir:", "hf-hub:")) else model
 
 
 class ClipPreprocess:
@@ -201,7 +209,8 @@ class ClipScore(Reward):
         self.cfg = cfg
         self.device = torch.device(device)
         cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
-        self.clip, self.tokenizer, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
+        with model_load_errors("rewards.clip_score.model", _shown(cfg.model, cfg.pretrained), _OPEN_CLIP):
+            self.clip, self.tokenizer, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from polyrl.paths import resolve_path
+from polyrl.paths import model_load_errors, resolve_path
 from polyrl.types import ConfigError, Reward, Rollout
 
 __all__ = [
@@ -244,7 +244,8 @@ class HPSReward(Reward):
         self.cfg = cfg
         self.device = torch.device(device)
         cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
-        path = fetch_hub_file(cfg.checkpoint, cache, "hps.checkpoint")
+        with model_load_errors("rewards.hps.checkpoint", cfg.checkpoint, "a local checkpoint file"):
+            path = fetch_hub_file(cfg.checkpoint, cache, "hps.checkpoint")
         self.model, self.tokenizer = load_hps_model(path, cfg.architecture, self.device)
         pre = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         size = getattr(self.model.visual, "image_size", 224)

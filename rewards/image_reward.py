@@ -52,6 +52,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from polyrl.paths import model_load_errors
 from polyrl.types import ConfigError, Reward, Rollout
 
 from .aesthetic import AestheticMLP
@@ -242,9 +243,12 @@ class ImageRewardReward(Reward):
         self.cfg = cfg
         self.device = torch.device(device)
         cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
-        med = fetch_hub_file(cfg.med_config, cache, "image_reward.med_config")
-        ckpt = fetch_hub_file(cfg.checkpoint, cache, "image_reward.checkpoint")
-        self.tokenizer = load_blip_tokenizer(cfg.tokenizer, cache)
+        with model_load_errors("rewards.image_reward.med_config", cfg.med_config, "a local BLIP config file"):
+            med = fetch_hub_file(cfg.med_config, cache, "image_reward.med_config")
+        with model_load_errors("rewards.image_reward.checkpoint", cfg.checkpoint, "a local checkpoint file"):
+            ckpt = fetch_hub_file(cfg.checkpoint, cache, "image_reward.checkpoint")
+        with model_load_errors("rewards.image_reward.tokenizer", cfg.tokenizer, "a local BERT tokenizer folder"):
+            self.tokenizer = load_blip_tokenizer(cfg.tokenizer, cache)
         self.model = load_image_reward(ckpt, med, self.device, vision_width=cfg.vision_width,
                                        vision_layers=cfg.vision_layers, vision_heads=cfg.vision_heads,
                                        patch_size=cfg.patch_size, image_size=cfg.image_size)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polyrl.paths import resolve_path
+from polyrl.paths import model_load_errors, resolve_path
 from polyrl.types import ConfigError, Reward, Rollout
 
 from .hps import resize_center_crop
@@ -136,10 +136,11 @@ class PickScoreReward(Reward):
         self.cfg = cfg
         self.device = torch.device(device)
         cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
-        try:
-            processor = AutoProcessor.from_pretrained(pretrained_reference(cfg.processor), cache_dir=cache)
-        except OSError as e:
-            raise _offline_error("pickscore.processor", cfg.processor, e) from e
+        with model_load_errors("rewards.pickscore.processor", cfg.processor, "a local CLIPProcessor folder"):
+            try:
+                processor = AutoProcessor.from_pretrained(pretrained_reference(cfg.processor), cache_dir=cache)
+            except OSError as e:
+                raise _offline_error("pickscore.processor", cfg.processor, e) from e
         self.tokenizer = processor.tokenizer
         ip = processor.image_processor
         size = _entry(ip.size, "shortest_edge")
@@ -148,7 +149,8 @@ class PickScoreReward(Reward):
         crop = (_entry(ip.crop_size, "height"), _entry(ip.crop_size, "width")) if ip.do_center_crop else (size, size)
         self.size, self.crop = int(size), (int(crop[0]), int(crop[1]))
         self.mean, self.std = tuple(ip.image_mean), tuple(ip.image_std)
-        self.model = load_transformers_strict(CLIPModel, cfg.model, "pickscore.model", cache).to(self.device)
+        with model_load_errors("rewards.pickscore.model", cfg.model, "a local CLIPModel folder"):
+            self.model = load_transformers_strict(CLIPModel, cfg.model, "pickscore.model", cache).to(self.device)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from polyrl import ComponentSpec, ConfigError, Reward, Rollout, hookimpl
-from polyrl.paths import resolve_path
+from polyrl.paths import model_load_errors, resolve_path
 
 __all__ = [
     "CallableReward",
@@ -335,7 +335,8 @@ class EmbeddingSimilarity(Reward):
 
         self.config = config
         kwargs = {"trust_remote_code": True} if config.trust_remote_code else {}
-        self.model = SentenceTransformer(resolve_path(config.model), device=str(device), **kwargs)
+        with model_load_errors("rewards.embedding_similarity.model", config.model, "a local sentence-transformers folder"):
+            self.model = SentenceTransformer(resolve_path(config.model), device=str(device), **kwargs)
         self.model.eval()
         self._fixed = self._embed(list(config.references)) if config.references else None
 
@@ -399,8 +400,9 @@ class ClassifierReward(Reward):
         self.config = config
         source = resolve_path(config.model)
         kwargs = {"trust_remote_code": True} if config.trust_remote_code else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        self.model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs).to(device).eval()
+        with model_load_errors("rewards.classifier.model", config.model, "a local transformers sequence-classification folder"):
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            self.model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs).to(device).eval()
         self.model.requires_grad_(False)
         self.device = torch.device(device)
         self.index = self._label_index(config.label)

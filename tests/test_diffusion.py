@@ -309,7 +309,7 @@ def test_config_validation(tmp_path, monkeypatch):
     assert Path(resolve_path("assets/tiny-sd")) == TINY_SD
     assert resolve_path("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="model_index.json"):
+    with pytest.raises(ConfigError, match="model_index.json"):
         DiffusionPolicy(DiffusionPolicyConfig(pretrained=str(tmp_path / "empty")))
 
 

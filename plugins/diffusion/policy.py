@@ -13,7 +13,7 @@ operations the sampler and the updates share:
 from __future__ import annotations
 
 import contextlib
-import os
+
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from polyrl import ConfigError, Policy, Rollout
-from polyrl.paths import REPO_ROOT, resolve_path
+from polyrl.paths import check_model_source, model_load_errors, resolve_path
 
 from .ddim import ddim_step_with_logprob
 
@@ -85,29 +85,10 @@ def check_policy_settings(cfg, what: str) -> None:
         raise ConfigError(f"policy.lora_alpha must be > 0 (or null for lora_rank), got {cfg.lora_alpha}")
     if not cfg.train_full_unet and not cfg.lora_target_modules:
         raise ConfigError("policy.lora_target_modules is empty: name the UNet modules that get LoRA layers")
-    resolved = resolve_path(cfg.pretrained)
-    if not Path(resolved).exists() and _must_be_local(cfg.pretrained):
-        raise ConfigError(
-            f"policy.pretrained: no such folder {cfg.pretrained!r} (looked in {_candidates(cfg.pretrained)}); "
-            f"a Hub id (owner/name) or {what} is accepted"
-        )
+    check_model_source(cfg.pretrained, "policy.pretrained", what)
 
 
 # ----------------------------------------------------------------------------------- loading
-def _candidates(name: str) -> list[str]:
-    p = Path(name).expanduser()
-    out = [str(p.resolve())]
-    if not p.is_absolute():
-        out.append(str(REPO_ROOT / p))
-    return out
-
-
-def _must_be_local(name: str) -> bool:
-    """Whether ``name`` cannot be a Hub id (``owner/name``): absolute, ``./``-relative, ``~``, or
-    more than one path separator."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-
-
 def load_pipeline(config, pipeline_class: str = "StableDiffusionPipeline"):
     """``<pipeline_class>.from_pretrained`` for ``config.pretrained`` with a clear error.
 
@@ -121,11 +102,11 @@ def load_pipeline(config, pipeline_class: str = "StableDiffusionPipeline"):
     source = resolve_path(config.pretrained)
     local = Path(source).exists()
     if local and not (Path(source) / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"policy.pretrained: {source!r} is a folder but not a diffusers pipeline (no model_index.json); "
             f"a Hub id or a diffusers pipeline folder loadable by {pipeline_class} is accepted"
         )
-    try:
+    with model_load_errors("policy.pretrained", config.pretrained, f"a local diffusers pipeline folder loadable by {pipeline_class}"):
         return cls.from_pretrained(
             source,
             revision=None if local else config.revision,
@@ -135,14 +116,6 @@ def load_pipeline(config, pipeline_class: str = "StableDiffusionPipeline"):
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    except (OSError, ValueError) as e:
-        if local:
-            raise
-        raise OSError(
-            f"policy.pretrained: cannot load {config.pretrained!r}: it is not a local folder (looked in "
-            f"{_candidates(config.pretrained)}) and loading it as a Hub id failed ({type(e).__name__}: {e}). "
-            f"A Hub id or a diffusers pipeline folder loadable by {pipeline_class} is accepted."
-        ) from e
 
 
 # ----------------------------------------------------------------------------------- policy

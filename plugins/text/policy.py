@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from polyrl import ConfigError, Policy, Rollout
-from polyrl.paths import resolve_path
+from polyrl.paths import check_model_source, model_load_errors, resolve_path
 
 from .logits import SamplingSettings, action_mask_meta, apply_action_mask, process_logits
 
@@ -60,6 +60,7 @@ class CausalLMConfig:
             raise ConfigError(f"policy.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_target_modules is not None and len(self.lora_target_modules) == 0:
             raise ConfigError("policy.lora_target_modules is empty; give module names or null for peft's default")
+        check_model_source(self.pretrained, "policy.pretrained", "a transformers model folder (config.json and weights)")
 
 
 class CausalLMPolicy(Policy):
@@ -99,7 +100,8 @@ class CausalLMPolicy(Policy):
         if config.trust_remote_code:
             self._load_kwargs["trust_remote_code"] = True
 
-        tokenizer = AutoTokenizer.from_pretrained(self.source, **self._load_kwargs)
+        with self._load_errors():
+            tokenizer = AutoTokenizer.from_pretrained(self.source, **self._load_kwargs)
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ConfigError(f"policy.pretrained: the tokenizer of {self.source!r} has neither a pad nor an EOS token")
@@ -143,19 +145,27 @@ class CausalLMPolicy(Policy):
         self._keep_logits = "logits_to_keep" in base_forward
 
     # ------------------------------------------------------------------ loading
+    def _load_errors(self):
+        """Hub, network and missing-file failures while loading ``policy.pretrained``, as a
+        :class:`ConfigError` that says what to do."""
+        return model_load_errors("policy.pretrained", self.config.pretrained,
+                                 f"a local transformers model folder loadable by {self.auto_class}")
+
     def _load_base_model(self) -> nn.Module:
         import transformers
 
         dtype = self.config.torch_dtype
         kwargs = dict(self._load_kwargs)
         if self.config.disable_dropout:  # models that read dropout rates from the config (T5's attention)
-            model_config = transformers.AutoConfig.from_pretrained(self.source, **self._load_kwargs)
+            with self._load_errors():
+                model_config = transformers.AutoConfig.from_pretrained(self.source, **self._load_kwargs)
             _zero_dropout(model_config)
             kwargs["config"] = model_config
         try:
-            model = getattr(transformers, self.auto_class).from_pretrained(
-                self.source, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **kwargs
-            )
+            with self._load_errors():
+                model = getattr(transformers, self.auto_class).from_pretrained(
+                    self.source, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **kwargs
+                )
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
                 raise ConfigError(f"policy.pretrained={self.config.pretrained!r} cannot be loaded as {self.auto_class}: {e}") from None
