@@ -15,6 +15,7 @@ from .clip_score import ClipScore, ClipScoreConfig
 from .hps import HPSConfig, HPSReward
 from .image_reward import ImageRewardConfig, ImageRewardReward
 from .pickscore import PickScoreConfig, PickScoreReward
+from .shape_match import ShapeMatch, ShapeMatchConfig
 
 __all__ = ["AestheticConfig", "AestheticReward", "ClipScore", "ClipScoreConfig"]
 
@@ -65,5 +66,13 @@ def polyrl_rewards() -> list[ComponentSpec]:
             modality="image",
             reads=("images",),
             description="ImageReward (BLIP ViT-L/16 + cross-attending BERT + MLP), normalised as its authors do",
+        ),
+        ComponentSpec(
+            "shape_match",
+            lambda cfg, policy=None: ShapeMatch(cfg),
+            ShapeMatchConfig,
+            modality="image",
+            reads=("images",),
+            description="tiny image world: fraction of the caption's colour, shape and position found in the pixels",
         ),
     ]
