@@ -14,7 +14,9 @@ from .types import RewardOutput
 
 @hookimpl(trylast=True)
 def polyrl_sample(trainer, contexts):
-    with torch.no_grad():
+    # the same precision path as the update's recomputation (accelerate runs the prepared model's
+    # forward under autocast), so that the first, on-policy ratios are 1 under mixed precision too
+    with torch.no_grad(), trainer.accelerator.autocast():
         return trainer.sampler.sample(trainer.policy, contexts, trainer.generator(f"sample/{trainer.sample_batch}"))
 
 
