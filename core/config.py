@@ -37,6 +37,7 @@ __all__ = [
     "ComponentConfig",
     "RewardConfig",
     "RunConfig",
+    "EvalConfig",
     "parse_overrides",
     "apply_overrides",
     "load_yaml",
@@ -87,6 +88,11 @@ class RunSettings:
     """Also record fixed-seed samples for the report every this many iterations (0: first and last)."""
     progress: bool = True
     """Show a progress bar (main process only)."""
+    log_with: list[str] | str = field(default_factory=list)
+    """Experiment trackers that receive every iteration's metrics and the report's fixed-seed
+    samples: any of ``tensorboard`` (event files under ``RUN_DIR/logs/``), ``wandb`` (offline with
+    ``WANDB_MODE=offline``), ``trackio``; a name, a list, or ``none``. wandb and trackio are
+    optional packages (``pip install wandb``)."""
 
     def __post_init__(self) -> None:
         if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
@@ -125,6 +131,10 @@ class RunSettings:
             raise ConfigError(f"run.report_every must be >= 0, got {self.report_every}")
         if not 0 <= self.threads <= 4096:
             raise ConfigError(f"run.threads={self.threads} is out of range; accepted: 0 (PyTorch's default) to 4096")
+        from .trackers import check_installed, normalise
+
+        self.log_with = normalise(self.log_with)
+        check_installed(self.log_with)
 
     @property
     def batch_size(self) -> int:
@@ -240,6 +250,36 @@ class RewardConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation, the guard against reward hacking: every ``every`` iterations, fixed
+    prompts are sampled with fixed noise and scored with evaluation rewards that the update never
+    sees; each is logged as ``eval/<name>`` (and ``eval/reward_mean``, their weighted sum). A trained
+    reward that rises while the evaluation rewards fall is reward hacking made visible.
+
+    ``rewards`` (required) has the shape of the top-level ``rewards`` section."""
+
+    every: int = 5
+    """Evaluate after every this many iterations (and after the last)."""
+    samples: int = 16
+    """Samples per evaluation, over all processes (prompts are cycled)."""
+    seed: int = 1234
+    """Seed of the evaluation's sampling noise (the same at every evaluation)."""
+    batch: int = 16
+    """Samples per sampling call."""
+    prompts: PromptsConfig | None = None
+    """Held-out prompts (same keys as the top-level ``prompts``); default: the training prompts."""
+    rewards: list[RewardConfig] = field(default_factory=list, init=False)
+    """The evaluation rewards, filled in from the ``eval.rewards`` mapping."""
+
+    def check(self) -> None:
+        for name, most in (("every", 10**9), ("samples", 10**6), ("batch", 10**6)):
+            if not 1 <= getattr(self, name) <= most:
+                raise ConfigError(f"eval.{name} must be between 1 and {most}, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"eval.seed={_short(self.seed)} is out of range; accepted: 0 to 2**63 - 1")
+
+
+@dataclass
 class RunConfig:
     """A whole, validated run configuration."""
 
@@ -251,6 +291,7 @@ class RunConfig:
     update: ComponentConfig
     rewards: list[RewardConfig]
     plugins: list[str] = field(default_factory=list)
+    eval: EvalConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The plain mapping that, fed back to :func:`polyrl.host.Host.build_config`, gives this config."""
@@ -262,12 +303,17 @@ class RunConfig:
             "policy": comp(self.policy),
             "sampler": comp(self.sampler),
             "update": comp(self.update),
-            "rewards": {
-                r.key: {**({"name": r.name} if r.name != r.key else {}), "weight": r.weight, **(to_dict(r.params) or {})}
-                for r in self.rewards
-            },
+            "rewards": _rewards_dict(self.rewards),
             "plugins": list(self.plugins),
+            **({"eval": {**to_dict(self.eval), "rewards": _rewards_dict(self.eval.rewards)}} if self.eval else {}),
         }
+
+
+def _rewards_dict(rewards: list[RewardConfig]) -> dict[str, Any]:
+    return {
+        r.key: {**({"name": r.name} if r.name != r.key else {}), "weight": r.weight, **(to_dict(r.params) or {})}
+        for r in rewards
+    }
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -29,10 +29,11 @@ import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from . import atomic
+from . import atomic, trackers
 from .checkpoint import latest_checkpoint, leftover_tmp, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .errors import NonFiniteError, PolyrlError, RunStopped
+from .heldout import HeldOut
 from .host import Host
 from .prompts import PromptSource
 from .resume import check_resume
@@ -73,11 +74,15 @@ class Trainer:
                 f"run.output_dir {str(self.run_dir)!r} already holds a run with checkpoints; continue it with "
                 f"`polyrl train --resume {self.run_dir}` or choose another run.output_dir"
             )
-        self.accelerator = Accelerator(cpu=run.cpu, mixed_precision=run.mixed_precision)
+        self.accelerator = Accelerator(cpu=run.cpu, mixed_precision=run.mixed_precision,
+                                       **trackers.accelerator_kwargs(run.log_with, self.run_dir))
         if run.threads:
             torch.set_num_threads(run.threads)
         if self.accelerator.is_main_process:
             print(f"polyrl: {launch_summary(self.accelerator)}", file=sys.stderr, flush=True)
+            if run.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+                print("polyrl: mixed_precision fp16 has no autocast on a CPU: this run computes in float32 "
+                      "(bf16 has one on CPUs)", file=sys.stderr, flush=True)
         self.iteration = 0
         self.completed = 0
         self.sample_batch = 0
@@ -90,6 +95,7 @@ class Trainer:
         self.sampler = host.build_sampler(config, self.policy)
         self.rewards = host.build_rewards(config, self.policy)
         self.update = host.build_update(config)
+        self.heldout = HeldOut(self) if config.eval is not None else None  # rewards the update never sees
         params = self.policy.trainable_parameters()
         if not params:
             raise ConfigError(f"policy {config.policy.name!r} has no trainable parameters")
@@ -304,6 +310,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
             tqdm.write(f"polyrl: {m}", file=sys.stderr)
     from . import report
 
+    trackers.start(trainer)
     if acc.is_main_process and run.report and trainer.completed == 0:
         report.record_samples(trainer, tag=0)
     _lifecycle(trainer, "setup")
@@ -372,8 +379,13 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                          **{k: float(v) for k, v in (stats or {}).items()}}
                     ),
                 }
+                if trainer.heldout is not None and trainer.heldout.due(it, run.iterations):
+                    trainer.phase = "eval"
+                    metrics.update(trainer.heldout.run(trainer))
+                    trainer.phase = "log"
                 if acc.is_main_process:
                     atomic.append_line(trainer.run_dir / "metrics.jsonl", json.dumps(metrics))
+                trackers.log_metrics(acc, metrics, step=it)
                 hook.polyrl_iteration_end(trainer=trainer, iteration=it, metrics=metrics, rollout=rollout)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", sample=f"{t1 - t0:.1f}s",
@@ -424,6 +436,8 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                     + (f"; continue with `polyrl train --resume {trainer.run_dir}`" if newest is not None else ""),
                     file=sys.stderr,
                 )
+                _outputs_after_stop(trainer, save_policy=bool(saved))
+        _quietly("closing the trackers", trackers.finish, acc)
         hook.polyrl_run_end(trainer=trainer, error=error)
         _lifecycle(trainer, "close")
         raise
@@ -438,6 +452,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 report.record_samples(trainer, tag=run.iterations)
             report.write_report(trainer.run_dir)
     acc.wait_for_everyone()
+    trackers.finish(acc)
     hook.polyrl_run_end(trainer=trainer, error=None)
     _lifecycle(trainer, "close")
     return trainer
@@ -458,6 +473,26 @@ def _lifecycle(trainer: Trainer, method: str) -> None:
             fn()
         except Exception as e:  # noqa: BLE001 - closing must not hide the run's own outcome
             tqdm.write(f"polyrl: closing {type(component).__name__} failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _outputs_after_stop(trainer: Trainer, save_policy: bool) -> None:
+    """A run that stopped early still gets its report, and ``policy/`` when the weights in memory
+    are those of the checkpoint of the last completed iteration (main process)."""
+    if save_policy:
+        _quietly("saving policy/", trainer.policy.save_pretrained, str(trainer.run_dir / "policy"))
+    if trainer.config.run.report:
+        from . import report
+
+        _quietly("writing the report", report.write_report, trainer.run_dir)
+
+
+def _quietly(what: str, fn: Any, *args: Any) -> None:
+    """Call ``fn(*args)`` on the way out of a failed run: a failure is reported on one line and
+    never hides the error that stopped the run."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        tqdm.write(f"polyrl: {what} failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
 
 
 def _reason(error: BaseException) -> str:
