@@ -1,4 +1,4 @@
-"""``polyrl`` command line: ``train``, ``eval``, ``plugins`` and ``config``."""
+"""``polyrl`` command line: ``train``, ``eval``, ``plugins``, ``config``, ``prefetch``, ``export`` and ``push``."""
 
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     announce_imports(run_folder_config(Path(args.run_dir), "eval"), Path(args.run_dir))
     result = evaluate(args.run_dir, samples=args.samples, seed=args.seed, iteration=args.iteration,
-                      baseline=not args.no_baseline, batch=args.batch, plugins=tuple(args.plugin))
+                      baseline=not args.no_baseline, batch=args.batch, plugins=tuple(args.plugin),
+                      prompts=args.prompts)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -134,6 +135,45 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_args(args: argparse.Namespace) -> tuple[object, dict]:
+    """The host and accepted config of ``CONFIG [overrides]`` (no config: the embedded default)."""
+    host = _build_host(args.plugin)
+    if args.config is None or "=" in args.config:
+        data = default_config()
+        overrides = ([args.config] if args.config else []) + list(args.overrides)
+    else:
+        data = load_yaml(args.config)
+        overrides = list(args.overrides)
+    return host, host.build_config(apply_overrides(data, overrides))
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    """Download everything remote a config reads, or list it (``--list``)."""
+    from .prefetch import prefetch
+
+    _, cfg = _config_from_args(args)
+    return 1 if prefetch(cfg, download=not args.list) and not args.list else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .hub import export_policy
+
+    out = export_policy(args.run_dir, iteration=args.iteration, out=args.out, plugins=tuple(args.plugin),
+                        overwrite=args.overwrite)
+    print(f"polyrl: exported the policy to {out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    announce_imports(run_folder_config(Path(args.run_dir), "push"), Path(args.run_dir))
+    url = push_run(args.run_dir, args.repo, iteration=args.iteration, private=args.private, token=args.token,
+                   plugins=tuple(args.plugin), message=args.message)
+    print(f"polyrl: pushed to {url}")
+    return 0
+
+
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     """Serve a registered reward over HTTP (see :mod:`polyrl.serve`)."""
     from .serve import main_serve
@@ -167,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--iteration", type=int, default=None, help="checkpoint to load (default: latest)")
     e.add_argument("--batch", type=int, default=16, help="samples per sampling batch")
     e.add_argument("--no-baseline", action="store_true", help="skip the base model")
+    e.add_argument("--prompts", metavar="FILE", default=None,
+                   help="held-out prompts: a text file (one per line) or JSONL (default: the run's prompts)")
     e.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
     e.set_defaults(func=cmd_eval)
 
@@ -174,6 +216,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("kind", choices=["policy", "sampler", "reward", "update"])
     c.add_argument("name")
     c.set_defaults(func=cmd_config)
+
+    f = sub.add_parser("prefetch", help="download every remote model and file a config reads (then train offline)")
+    f.add_argument("config", nargs="?", help="YAML run config (omit for the embedded default)")
+    f.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    f.add_argument("--list", action="store_true", help="only list them, and where each goes")
+    f.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    f.set_defaults(func=cmd_prefetch)
+
+    x = sub.add_parser("export", help="write a checkpoint's policy as a folder the ecosystem loads")
+    x.add_argument("run_dir")
+    x.add_argument("--iteration", type=int, default=None, help="checkpoint to export (default: latest)")
+    x.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/export/iter_NNNNNN)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    x.set_defaults(func=cmd_export)
+
+    h = sub.add_parser("push", help="upload a run's policy with a model card to a Hub repository")
+    h.add_argument("run_dir")
+    h.add_argument("--repo", required=True, help="Hub repository id, owner/name (created if missing)")
+    h.add_argument("--iteration", type=int, default=None, help="checkpoint to push (default: latest)")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--token", default=None, help="Hub token (default: the logged-in one, or $HF_TOKEN)")
+    h.add_argument("--message", default=None, help="commit message")
+    h.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    h.set_defaults(func=cmd_push)
 
     s = sub.add_parser("serve-reward", help="serve a reward over HTTP for runs that use the 'remote' reward")
     s.add_argument("name", help="a registered reward (polyrl plugins lists them)")
