@@ -19,6 +19,7 @@ import pluggy
 from . import hookspecs
 from .config import (
     ComponentConfig,
+    EvalConfig,
     OptimizerConfig,
     PromptsConfig,
     RewardConfig,
@@ -185,7 +186,7 @@ class Host:
         """
         if not isinstance(data, dict):
             raise ConfigError(f"the config must be a mapping, got {type(data).__name__}")
-        top = {"run", "prompts", "optimizer", "policy", "sampler", "update", "rewards", "plugins"}
+        top = {"run", "prompts", "optimizer", "policy", "sampler", "update", "rewards", "plugins", "eval"}
         for key in data:
             if key not in top:
                 raise ConfigError(f"{key}: unknown top-level key{suggest(key, top)}; accepted keys: {sorted(top)}")
@@ -227,30 +228,18 @@ class Host:
         update = ComponentConfig(update_name, from_dict(update_spec.config_cls, update_section, "update"))
         self.check_compatibility(policy, sampler, update)
 
-        raw_rewards = data.get("rewards")
-        if not isinstance(raw_rewards, dict) or not raw_rewards:
-            raise ConfigError(
-                f"rewards: required mapping of reward name to settings (e.g. rewards: {{jpeg_compressibility: {{weight: 1.0}}}}); "
-                f"available: {sorted(self.registry['reward'])}"
-            )
-        rewards = []
-        for key, section in raw_rewards.items():
-            section = dict(section or {})
-            name = section.pop("name", key)
-            spec = self.spec("reward", name, f"rewards.{key}" + (".name" if name != key else ""))
-            weight = section.pop("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise ConfigError(f"rewards.{key}.weight: expected a finite number, got {str(weight)[:40]!r}")
-            missing = [r for r in spec.reads if r not in sampler_spec.produces]
-            if missing:
-                raise ConfigError(
-                    f"rewards.{key}: reward {name!r} reads {missing} but sampler {sampler.name!r} produces "
-                    f"{list(sampler_spec.produces)}"
-                )
-            params = from_dict(spec.config_cls, section, f"rewards.{key}")
-            rewards.append(RewardConfig(name=name, key=key, weight=float(weight), params=params))
+        rewards = self._rewards(data.get("rewards"), "rewards", sampler.name, sampler_spec)
+        evaluation = None
+        if data.get("eval") is not None:
+            raw = data["eval"]
+            if not isinstance(raw, dict):
+                raise ConfigError(f"eval: expected a mapping with a 'rewards' key, got {str(raw)[:60]!r}")
+            raw = dict(raw)
+            eval_rewards = self._rewards(raw.pop("rewards", None), "eval.rewards", sampler.name, sampler_spec)
+            evaluation = from_dict(EvalConfig, raw, "eval")
+            evaluation.rewards = eval_rewards
 
-        cfg = RunConfig(run, prompts, optimizer, policy, sampler, update, rewards, list(plugins))
+        cfg = RunConfig(run, prompts, optimizer, policy, sampler, update, rewards, list(plugins), evaluation)
         for params in (policy.params, sampler.params, update.params):
             check = getattr(params, "check_run", None)
             if callable(check):
@@ -351,6 +340,33 @@ class Host:
                 out.append(name)
         return out
 
+    def _rewards(self, raw: Any, path: str, sampler_name: str, sampler_spec: ComponentSpec) -> list[RewardConfig]:
+        """A ``rewards``-shaped mapping (name -> settings with ``weight``) as reward configs."""
+        if not isinstance(raw, dict) or not raw:
+            raise ConfigError(
+                f"{path}: required mapping of reward name to settings (e.g. {path}: {{jpeg_compressibility: {{weight: 1.0}}}}); "
+                f"available: {sorted(self.registry['reward'])}"
+            )
+        rewards = []
+        for key, section in raw.items():
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(f"{path}.{key}: expected a mapping of settings, got {str(section)[:60]!r}")
+            section = dict(section or {})
+            name = section.pop("name", key)
+            spec = self.spec("reward", name, f"{path}.{key}" + (".name" if name != key else ""))
+            weight = section.pop("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ConfigError(f"{path}.{key}.weight: expected a finite number, got {str(weight)[:40]!r}")
+            missing = [r for r in spec.reads if r not in sampler_spec.produces]
+            if missing:
+                raise ConfigError(
+                    f"{path}.{key}: reward {name!r} reads {missing} but sampler {sampler_name!r} produces "
+                    f"{list(sampler_spec.produces)}"
+                )
+            params = from_dict(spec.config_cls, section, f"{path}.{key}")
+            rewards.append(RewardConfig(name=name, key=key, weight=float(weight), params=params))
+        return rewards
+
     # ------------------------------------------------------------------ construction
     def build_policy(self, cfg: RunConfig) -> Any:
         return self.registry["policy"][cfg.policy.name].factory(cfg.policy.params)
@@ -358,10 +374,11 @@ class Host:
     def build_sampler(self, cfg: RunConfig, policy: Any) -> Any:
         return self.registry["sampler"][cfg.sampler.name].factory(cfg.sampler.params, policy=policy)
 
-    def build_rewards(self, cfg: RunConfig, policy: Any) -> list[tuple[str, float, Any]]:
+    def build_rewards(self, cfg: RunConfig, policy: Any, rewards: list[RewardConfig] | None = None) -> list[tuple[str, float, Any]]:
+        """The configured rewards (or ``rewards``, e.g. the evaluation rewards) as ``(name, weight, fn)``."""
         return [
             (r.key, r.weight, self.registry["reward"][r.name].factory(r.params, policy=policy))
-            for r in cfg.rewards
+            for r in (cfg.rewards if rewards is None else rewards)
         ]
 
     def build_update(self, cfg: RunConfig) -> Any:

@@ -44,7 +44,8 @@ def polyrl_updates():
     return [
         ComponentSpec("a_star_po", AStarPO, AStarPOConfig, accepts=ON_POLICY, requires={"reference"},
                       description="A*-PO: offline V* from reference samples, regression onto the optimal advantage"),
-        ComponentSpec("ddpo", DDPO, DDPOConfig, accepts=ON_POLICY, requires={"step_log_probs"},
+        ComponentSpec("ddpo", DDPO, DDPOConfig, accepts=ON_POLICY,
+                      requires=lambda config: {"step_log_probs": "", **_kl("kl_coef")(config)},
                       description="DDPO clipped objective, per-prompt stat tracker, per-sample step shuffle"),
         ComponentSpec("dr_po", DRPO, DRPOConfig, accepts=("tokens",), requires=_actor_critic("dataset_resets"),
                       description="DR-PO: PPO on rollouts reset to dataset prefixes (forced tokens masked out)"),

@@ -8,6 +8,10 @@ accumulates gradients over ``gradient_accumulation_batches`` micro-batches times
     A = clamp(adv, -adv_clip_max, adv_clip_max)
     r = exp(logp_new - logp_old)
     loss = mean(max(-A * r, -A * clip(r, 1 - eps, 1 + eps)))
+
+With ``kl_coef > 0`` (not in DDPO's paper; a guard against reward hacking, as in GRPO), each step
+adds ``kl_coef * (exp(d) - d - 1)`` with ``d = logp_ref - logp_new``: the k3 estimator of the KL from
+the trained policy to the reference policy (the base model, adapter disabled) on the sampled step.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class DDPOConfig:
     """Rewards remembered per prompt."""
     tracker_min_count: int = 16
     """Below this many rewards for a prompt, the batch statistics are used."""
+    kl_coef: float = 0.0
+    """Weight of a k3 KL penalty to the reference policy on each trained step (0: none, DDPO's own
+    objective; > 0 needs a LoRA policy, whose reference is the base model)."""
 
     def check(self) -> None:
         from polyrl.types import ConfigError
@@ -53,6 +60,10 @@ class DDPOConfig:
             raise ConfigError(f"update.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.inner_epochs < 1:
             raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
+        if self.clip_range <= 0:
+            raise ConfigError(f"update.clip_range must be > 0, got {self.clip_range}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
 
     def check_run(self, cfg: Any) -> None:
         check_batching("ddpo", cfg.run.batch_size, self.train_batch_size, self.gradient_accumulation_batches)
@@ -77,6 +88,14 @@ def ddpo_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, clip_ran
             "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
         }
     return loss, stats
+
+
+def k3_kl(logp: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid samples of ``exp(d) - d - 1``, ``d = ref - logp``: the k3 estimator of
+    KL(pi_theta || pi_ref) from samples of pi_theta (Schulman, "Approximating KL divergence", 2020)."""
+    d = ref - logp
+    v = valid.float()
+    return ((torch.exp(d) - d - 1) * v).sum() / v.sum().clamp(min=1.0)
 
 
 class DDPO(Update):
@@ -104,7 +123,7 @@ class DDPO(Update):
         b, t = rollout.log_probs.shape
         t_train = max(1, int(t * cfg.timestep_fraction))
         g = trainer.generator("update")
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
+        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], "kl_ref": []}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             order = torch.stack([torch.randperm(t, generator=g) for _ in range(b)])  # [B, T] per-sample shuffle
@@ -119,10 +138,15 @@ class DDPO(Update):
                         cols = order[idx, j : j + 1].to(device)  # [b, 1]
                         with trainer.no_sync(sync=k == n_micro):
                             logp = trainer.model(mb, cols)[:, 0]
+                            valid = mb.mask.gather(1, cols)[:, 0]
                             loss, step_stats = ddpo_loss(
-                                logp, mb.log_probs.gather(1, cols)[:, 0], mb_adv, cfg.clip_range,
-                                mb.mask.gather(1, cols)[:, 0],
+                                logp, mb.log_probs.gather(1, cols)[:, 0], mb_adv, cfg.clip_range, valid,
                             )
+                            if cfg.kl_coef > 0:
+                                ref = trainer.policy.reference_log_probs(mb, cols)[:, 0].to(logp.device)
+                                kl = k3_kl(logp, ref, valid)
+                                loss = loss + cfg.kl_coef * kl
+                                step_stats["kl_ref"] = kl.item()
                             trainer.backward(loss / n_micro)
                         stats["loss"].append(loss.item())
                         for key, value in step_stats.items():
