@@ -11,7 +11,9 @@ runs, after one warm-up run that fills the file-system cache):
 * a rejected config: ``polyrl train update.clip_rnge=1e-4`` (a misspelt key of the embedded
   default run's update), refused before any model loads.
 
-With ``--compare`` it prints both columns and the speed-up. It also lists which heavy libraries
+With ``--compare`` it prints both columns and the speed-up. Measure the "before" of a change
+from a checkout of the older commit in the same minutes as the "after", so that both see the same
+machine load. It also lists which heavy libraries
 the ``Host()`` process imported (diffusers, transformers, peft, open_clip, gymnasium, mujoco,
 sentence_transformers, torch._dynamo): none of them is needed to read the registry or to reject a
 config. Run it on an idle machine: the numbers are wall-clock.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,16 +41,20 @@ COMMANDS = {
 }
 
 
-def time_command(cmd: list[str], repeats: int) -> float:
-    """Median wall-clock seconds of ``cmd`` over ``repeats`` runs (after one warm-up run)."""
+def time_command(cmd: list[str], repeats: int) -> tuple[float, float]:
+    """Median wall-clock and CPU (user + system) seconds of ``cmd`` over ``repeats`` runs (after one
+    warm-up run). The CPU time depends less on what else the machine runs."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     subprocess.run(cmd, env=env, capture_output=True)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run(cmd, env=env, capture_output=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def heavy_imports() -> list[str]:
@@ -77,16 +84,18 @@ def main() -> None:
         with open(args.compare) as f:
             before = json.load(f)
 
-    print(f"median of {args.repeats} runs, seconds (CPU count {os.cpu_count()})\n")
+    print(f"median of {args.repeats} runs, seconds: wall-clock (CPU user + system) (CPU count {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f})\n")
+    cell = lambda v: f"{v[0]:.2f} ({v[1]:.2f})"  # noqa: E731
     if before is None:
         print("| command | s |\n|---|---:|")
         for name in COMMANDS:
-            print(f"| {name} | {result[name]:.2f} |")
+            print(f"| {name} | {cell(result[name])} |")
     else:
-        print("| command | before s | after s | speed-up |\n|---|---:|---:|---:|")
+        print("| command | before s | after s | wall-clock speed-up |\n|---|---:|---:|---:|")
         for name in COMMANDS:
             b, a = before.get(name), result[name]
-            print(f"| {name} | {b:.2f} | {a:.2f} | {b / a:.1f}× |" if b else f"| {name} | – | {a:.2f} | – |")
+            print(f"| {name} | {cell(b)} | {cell(a)} | {b[0] / a[0]:.1f}× |" if b else f"| {name} | – | {cell(a)} | – |")
     print(f"\nheavy libraries imported by Host(): {', '.join(result['heavy imports of Host()']) or 'none'}")
     if before is not None:
         print(f"(before: {', '.join(before.get('heavy imports of Host()', [])) or 'none'})")
