@@ -117,32 +117,33 @@ def _text_config(rewards):
 
 @pytest.mark.slow
 def test_pip_installed_plugin_is_discovered_and_trains(tmp_path):
+    """The plugin is pip-installed into a throw-away folder put on PYTHONPATH for the commands of
+    this test only: the environment polyrl runs from is never changed."""
     src = tmp_path / "polyrl-keyword"
     shutil.copytree(HERE / "plugin_pkg", src)
-    pip = [sys.executable, "-m", "pip"]
-    install = subprocess.run(pip + ["install", "--no-index", "--no-deps", "--no-build-isolation", "-q", str(src)],
-                             capture_output=True, text=True, timeout=300)
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+                              "-q", "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr
-    try:
-        proc = polyrl_cli("plugins", "--json")
-        assert proc.returncode == 0, proc.stderr
-        info = json.loads(proc.stdout)
-        keyword = {p["name"]: p for p in info["plugins"]}["keyword"]
-        assert keyword["distribution"] == "polyrl-keyword" and keyword["version"] == "0.3.1"
-        assert keyword["components"]["reward"] == ["keyword_count"]
+    assert (site / "polyrl_keyword").is_dir() and list(site.glob("polyrl_keyword-0.3.1.dist-info"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = polyrl_cli("plugins", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    keyword = {p["name"]: p for p in info["plugins"]}["keyword"]
+    assert keyword["distribution"] == "polyrl-keyword" and keyword["version"] == "0.3.1"
+    assert keyword["components"]["reward"] == ["keyword_count"]
 
-        config = tmp_path / "keyword.yaml"
-        data = _text_config({"keyword_count": {"keywords": ["great", "good", "love"]}})
-        data["run"].update({"output_dir": str(tmp_path / "run"), "progress": False, "report": False})
-        import yaml
+    config = tmp_path / "keyword.yaml"
+    data = _text_config({"keyword_count": {"keywords": ["great", "good", "love"]}})
+    data["run"].update({"output_dir": str(tmp_path / "run"), "progress": False, "report": False})
+    import yaml
 
-        config.write_text(yaml.safe_dump(data))
-        proc = polyrl_cli("train", str(config))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["iteration"] for r in rows] == [1, 2]
-        assert all("reward/keyword_count" in r for r in rows)
-    finally:
-        subprocess.run(pip + ["uninstall", "-y", "-q", "polyrl-keyword"], capture_output=True, timeout=120)
-    proc = polyrl_cli("plugins", "--json")
+    config.write_text(yaml.safe_dump(data))
+    proc = polyrl_cli("train", str(config), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert all("reward/keyword_count" in r for r in rows)
+    proc = polyrl_cli("plugins", "--json")  # without the folder: polyrl's own environment has no such plugin
     assert "keyword" not in {p["name"] for p in json.loads(proc.stdout)["plugins"]}
