@@ -2,8 +2,8 @@
 
 * gymnasium environments ``polyrl/TowerScratch-v0``, ``polyrl/TowerFlipIt-v0``,
   ``polyrl/ScatterScratch-v0``, ``polyrl/ScatterFlipIt-v0`` (:mod:`.env`; registered when this
-  package is imported with gymnasium already loaded, when the host collects the lilGym samplers,
-  or by :func:`register_envs`; see :mod:`.registration`);
+  package is imported with gymnasium already loaded, when :mod:`.env` is imported, or by
+  :func:`register_envs`; see :mod:`.registration`);
 * a safe executor for the statements' programs (:mod:`.executor`, over the world DSL of
   :mod:`.dsl` and :mod:`.world`), a PIL renderer (:mod:`.render`), the action sets (:mod:`.actions`)
   and the data loader and downloader (:mod:`.data`).
@@ -36,7 +36,7 @@ import sys
 from .registration import register_envs
 
 if "gymnasium" in sys.modules:  # gymnasium.make("polyrl.plugins.lilgym:polyrl/TowerScratch-v0") imports us
-    register_envs()  # otherwise the samplers' registration registers them, so that loading the host needs no gymnasium
+    register_envs()  # otherwise importing .env does, so that loading the host needs no gymnasium
 
 __all__ = ["register_envs"]
 
@@ -63,8 +63,6 @@ def polyrl_policies():
 def polyrl_samplers():
     from .lm import LilGymTextSampler, LilGymTextSamplerConfig
     from .sampler import LilGymSampler, LilGymSamplerConfig
-
-    register_envs()
 
     return [
         ComponentSpec("lilgym", lambda cfg, policy=None: LilGymSampler(cfg, policy), LilGymSamplerConfig,

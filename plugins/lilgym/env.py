@@ -39,8 +39,7 @@ from .world import World
 
 __all__ = ["LilGymEnv", "SENTENCE_CHARSET", "MAX_SENTENCE_LENGTH", "HORIZON", "STEP_PENALTY"]
 
-HORIZON = 11
-"""lilGym's episode horizon."""
+from .registration import HORIZON, register_envs  # noqa: E402 - lilGym's episode horizon
 STEP_PENALTY = 0.1
 """Reward -0.1 for every action other than STOP."""
 MAX_SENTENCE_LENGTH = 320
@@ -213,3 +212,6 @@ class LilGymEnv(gym.Env):
         """The sentence, the target and the world in words (what the language-model agent reads)."""
         assert self.example is not None
         return describe_world(self.world, tower=self.appearance == "tower")
+
+
+register_envs()  # the ids resolve to this module, which is imported with gymnasium

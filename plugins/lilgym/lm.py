@@ -39,7 +39,7 @@ from polyrl.types import ConfigError, Context, Policy, Rollout, Sampler
 
 from . import actions as A
 from .data import TASKS, Example
-from .env import HORIZON, LilGymEnv
+from .registration import HORIZON
 from .render import describe_world
 from .sampler import _examples, assign_examples
 
@@ -262,6 +262,7 @@ class LilGymTextSampler(Sampler):
         self._envs: list[LilGymEnv] = []
 
     def _env(self, i: int) -> LilGymEnv:
+        from .env import LilGymEnv  # gymnasium is imported when the first episode runs
         while len(self._envs) <= i:
             self._envs.append(LilGymEnv(self.cfg.task, self.cfg.split, data=self.examples,
                                         stop_forcing=self.cfg.stop_forcing, horizon=self.cfg.horizon))

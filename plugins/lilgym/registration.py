@@ -16,6 +16,8 @@ Keyword arguments of ``make`` go to :class:`polyrl.plugins.lilgym.env.LilGymEnv`
 from __future__ import annotations
 
 TASK_NAMES = ("TowerScratch", "TowerFlipIt", "ScatterScratch", "ScatterFlipIt")
+HORIZON = 11
+"""lilGym's episode horizon (here, so that the samplers' configs read it without importing gymnasium)."""
 ENV_IDS = tuple(f"polyrl/{name}-v0" for name in TASK_NAMES)
 
 

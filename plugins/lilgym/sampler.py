@@ -32,7 +32,7 @@ from polyrl.types import ConfigError, Context, Rollout, Sampler
 
 from . import actions as A
 from .data import TASKS, Example, LilGymDataError, load_examples
-from .env import HORIZON, LilGymEnv
+from .registration import HORIZON
 
 __all__ = ["LilGymSamplerConfig", "LilGymSampler", "select_statements", "assign_examples"]
 
@@ -159,6 +159,7 @@ class LilGymSampler(Sampler):
         return cfg.stop_forcing_iterations == 0 or 0 < self.iteration <= cfg.stop_forcing_iterations
 
     def _env(self, i: int) -> LilGymEnv:
+        from .env import LilGymEnv  # gymnasium is imported when the first episode runs
         while len(self._envs) <= i:
             self._envs.append(LilGymEnv(self.cfg.task, self.cfg.split, data=self.examples,
                                         stop_forcing=self.cfg.stop_forcing, horizon=self.cfg.horizon))
