@@ -13,7 +13,7 @@ is logged as it trains). Losses (``loss``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
