@@ -104,6 +104,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     host = _build_host(args.plugin)
     info = host.describe()
+    for kind in ("sampler", "reward"):  # what samplers put in rollout.outputs, and what rewards read from it
+        for name, entry in info["components"].get(kind, {}).items():
+            spec = host.registry[kind][name]
+            entry["produces" if kind == "sampler" else "reads"] = list(spec.produces if kind == "sampler" else spec.reads)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -114,6 +118,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             if names:
                 plural = "policies" if kind == "policy" else kind + "s"
                 print(f"    {plural:9} {', '.join(sorted(names))}")
+    samplers = info["components"].get("sampler", {})
+    if samplers:
+        print("rollout.outputs of each sampler (what rewards can read):")
+        for name, entry in samplers.items():
+            print(f"    {name:17} {', '.join(entry['produces']) or '(none declared)'}")
     for name, err in info["failed"].items():
         print(f"{name}: FAILED TO LOAD: {err}")
     return 0

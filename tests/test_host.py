@@ -147,3 +147,18 @@ def test_pip_installed_plugin_is_discovered_and_trains(tmp_path):
     assert all("reward/keyword_count" in r for r in rows)
     proc = polyrl_cli("plugins", "--json")  # without the folder: polyrl's own environment has no such plugin
     assert "keyword" not in {p["name"] for p in json.loads(proc.stdout)["plugins"]}
+
+
+def test_plugins_lists_what_each_sampler_puts_in_rollout_outputs(capsys):
+    from polyrl.cli import main
+
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "rollout.outputs of each sampler" in out
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in out.split("rollout.outputs of each sampler")[1].splitlines()[1:]
+             if line.startswith("    ")}
+    assert lines["ddim"] == "images" and lines["generate"] == "texts, completion_ids"
+    assert main(["plugins", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["components"]["sampler"]["lcm"]["produces"] == ["images"]
+    assert info["components"]["reward"]["clip_score"]["reads"] == ["images"]
