@@ -174,7 +174,7 @@ def _to_pil(images: torch.Tensor) -> list[Any]:
 
 
 def captioned_grid(images: torch.Tensor | Sequence[Any], captions: Sequence[str], lines: Sequence[Sequence[str]],
-                   columns: int | None = None, size: int | None = None) -> Any:
+                   columns: int | None = None, size: int | None = None, pad: int = 10) -> Any:
     """A grid of images, each with its caption (wrapped) and extra lines (rewards) under it.
 
     ``images`` is ``[N, 3, H, W]`` in ``[0, 1]`` or a list of PIL images. Small images are
@@ -187,7 +187,7 @@ def captioned_grid(images: torch.Tensor | Sequence[Any], captions: Sequence[str]
     size = size or _tile_size(max(p.width for p in pils))
     tiles = [_tile(p, size) for p in pils]
     font, bold = _font(14), _font(15)
-    pad, line_h = 10, 18
+    line_h = 18
     wrapped = [_wrap(c, font, size, CAPTION_LINES) for c in captions]
     text_h = line_h * (max(len(w) for w in wrapped) + max((len(x) for x in lines), default=0)) + 6
     cell_w, cell_h = size + pad, max(t.height for t in tiles) + text_h + pad
@@ -291,7 +291,20 @@ def _series(rows: list[dict[str, Any]], key: str) -> list[float]:
     return out
 
 
+def _integer_ticks(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _plot(ax: Any, its: list[int], values: list[float], label: str | None, colour: Any, window: int) -> None:
+    _integer_ticks(ax)
+    points = [(i, v) for i, v in zip(its, values) if math.isfinite(v)]  # quantities logged on some iterations only
+    if not points:
+        return
+    if len(points) < len(values):  # gaps: plain points and lines, no average across them
+        window = 1
+    its, values = [i for i, _ in points], [v for _, v in points]
     marker = "." if len(its) <= 30 else None
     if window > 1:
         ax.plot(its, values, color=colour, alpha=0.25, linewidth=1, marker=marker, markersize=3)
@@ -314,7 +327,7 @@ def metric_panels(rows: list[dict[str, Any]]) -> tuple[list[list[str]], dict[str
             if k not in keys and isinstance(v, (int, float)) and not isinstance(v, bool):
                 keys.append(k)
     skip = {"iteration", "reward_mean", "reward_std"}
-    keys = [k for k in keys if k not in skip and not k.startswith(("reward/", "time/"))]
+    keys = [k for k in keys if k not in skip and not k.startswith(("reward/", "time/", "eval/"))]
     constant: dict[str, float] = {}
     varying = []
     for k in keys:
@@ -334,6 +347,17 @@ def metric_panels(rows: list[dict[str, Any]]) -> tuple[list[list[str]], dict[str
     return [panels[b] for b in ordered], constant
 
 
+def reward_curves(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(key, label)`` of the reward curves: the total, then the components, unless the one
+    component is the total itself (one reward of weight 1), which is then drawn once, by its name."""
+    components = sorted({k for r in rows for k in r if k.startswith("reward/")})
+    if len(components) == 1:
+        total, comp = _series(rows, "reward_mean"), _series(rows, components[0])
+        if all(abs(a - b) <= 1e-6 * max(1.0, abs(a)) for a, b in zip(total, comp) if math.isfinite(a) and math.isfinite(b)):
+            return [("reward_mean", components[0].split("/", 1)[1])]
+    return [("reward_mean", "total (weighted)")] + [(k, k.split("/", 1)[1]) for k in components]
+
+
 def _plot_metrics(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], dict[str, float]]:
     import matplotlib
 
@@ -347,15 +371,9 @@ def _plot_metrics(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], dic
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
     # rewards: the total, with the spread of the samples; components only when they add a curve
-    components = sorted(k for k in rows[0] if k.startswith("reward/"))
+    curves = reward_curves(rows)
+    (_, total_label), extra = curves[0], [k for k, _ in curves[1:]]
     total = _series(rows, "reward_mean")
-    if len(components) == 1:
-        same = all(abs(a - b) < 1e-6 * max(1.0, abs(a)) for a, b in zip(total, _series(rows, components[0]))
-                   if math.isfinite(a) and math.isfinite(b))
-        extra = [] if same else components
-        total_label = components[0].split("/", 1)[1] if same else "total (weighted)"
-    else:
-        extra, total_label = components, "total (weighted)"
     fig, ax = plt.subplots(figsize=(7.5, 4))
     std = _series(rows, "reward_std")
     if all(math.isfinite(s) for s in std):
@@ -364,6 +382,11 @@ def _plot_metrics(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], dic
     _plot(ax, its, total, total_label, colours[0], window)
     for i, k in enumerate(extra, 1):
         _plot(ax, its, _series(rows, k), k.split("/", 1)[1], colours[i % len(colours)], window)
+    held_out = [k for k in ("eval/reward_mean",) if any(k in r for r in rows)]
+    for k in held_out:  # the held-out evaluation, on the iterations it ran
+        pts = [(i, v) for i, v in zip(its, _series(rows, k)) if math.isfinite(v)]
+        ax.plot([i for i, _ in pts], [v for _, v in pts], color="black", linestyle="--", marker="o", markersize=4,
+                linewidth=1.5, label="held-out prompts")
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean reward per sample")
     ax.set_title("reward")
@@ -402,6 +425,7 @@ def _plot_metrics(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], dic
             ax.bar(its, vals, bottom=bottom, label=k.split("/")[1], color=colours[i % len(colours)], width=0.85)
             bottom = [a + b for a, b in zip(bottom, vals)]
         ax.set_xlabel("iteration")
+        _integer_ticks(ax)
         ax.set_ylabel("seconds")
         ax.set_title("time per iteration")
         ax.set_ylim(0, max(bottom) * 1.3 or 1.0)  # room for the legend above the bars
@@ -427,6 +451,7 @@ def _plot_diversity(records: list[dict[str, Any]], out: Path) -> str | None:
         ax.plot(its, [r["distinct"].get(k, math.nan) for r in recs], marker="o", label=k, linewidth=1.8)
     ax.set_xlabel("iteration")
     ax.set_ylabel("distinct n-grams / n-grams")
+    _integer_ticks(ax)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"diversity of the {len(recs[0]['texts'])} fixed-seed samples")
     ax.grid(alpha=0.3)
@@ -459,6 +484,25 @@ def _planned_iterations(run_dir: Path) -> int | None:
 
 def _fmt(v: float) -> str:
     return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+
+
+def _texts_before_after(records: list[dict[str, Any]]) -> list[str]:
+    """A table of the first and the last recorded completion of each prompt (same noise)."""
+    recs = [r for r in records if "texts" in r]
+    if len(recs) < 2 or recs[0]["prompts"] != recs[-1]["prompts"]:
+        return []
+    first, last = recs[0], recs[-1]
+    names = [k for k in first["rewards"] if k in last["rewards"]]
+    parts = [f"<h3>Same prompts and noise: iteration {first['iteration']} and iteration {last['iteration']}</h3>",
+             f"<table><tr><th>prompt</th><th>iteration {first['iteration']}</th><th>iteration {last['iteration']}</th>"
+             + "".join(f"<th>{html.escape(k)}</th>" for k in names) + "</tr>"]
+    for i, prompt in enumerate(first["prompts"]):
+        cells = "".join(f"<td class='num'>{first['rewards'][k][i]:.3f} &rarr; {last['rewards'][k][i]:.3f}</td>"
+                        for k in names)
+        parts.append(f"<tr><td>{html.escape(prompt)}</td><td>{html.escape(first['texts'][i])}</td>"
+                     f"<td>{html.escape(last['texts'][i])}</td>{cells}</tr>")
+    parts.append("</table>")
+    return parts
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -521,6 +565,7 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append("</table>")
         if diversity_png:
             parts.append(f"<p><img src='{diversity_png}'></p>")
+    parts += _texts_before_after(records)
     for rec in records:
         parts.append(f"<h3>iteration {rec['iteration']}</h3>")
         means = ", ".join(f"{k}: {sum(v) / len(v):.4f}" for k, v in rec["rewards"].items() if v)
