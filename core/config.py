@@ -152,13 +152,18 @@ class PromptsConfig:
     """A text file (one prompt per line) or a JSONL file (``prompt_column``; other columns go to
     rewards as ``Context.extra``)."""
     dataset: str | None = None
-    """A local dataset: a folder saved by ``datasets``' ``save_to_disk`` (needs the ``datasets``
-    package), or a ``.jsonl`` / ``.json`` / ``.csv`` file, or a folder holding ``<split>.jsonl``
-    (``.json``, ``.csv``). Other columns go to rewards as ``Context.extra``."""
+    """A dataset: a ``.jsonl`` / ``.json`` / ``.csv`` file, a folder holding ``<split>.jsonl``
+    (``.json``, ``.csv``), a folder saved by ``datasets``' ``save_to_disk`` or holding parquet /
+    arrow files, or a Hub dataset id (``owner/name``, read with ``datasets.load_dataset``; run
+    ``polyrl prefetch`` to have it offline). Folders and Hub ids need the ``datasets`` package.
+    Other columns go to rewards as ``Context.extra``."""
+    dataset_config: str | None = None
+    """The configuration (subset) of a Hub dataset or datasets folder that has several
+    (``datasets.load_dataset(..., name=)``); ``null`` for its default."""
     prompt_column: str = "prompt"
     """The column that holds the prompt (JSONL files and datasets)."""
     split: str = "train"
-    """The split to read from a dataset folder with several splits."""
+    """The split to read from a dataset with several splits (a folder or a Hub dataset)."""
     shuffle: bool = True
     """Draw prompts in a seeded random order (without replacement within an epoch)."""
 
@@ -175,9 +180,9 @@ class PromptsConfig:
             if not Path(resolve_path(self.file)).is_file():
                 raise ConfigError(f"prompts.file: no such file {self.file!r}")
         if self.dataset is not None:
-            from .prompts import dataset_source
+            from .prompts import check_dataset
 
-            dataset_source(Path(resolve_path(self.dataset)), self.split)  # raises ConfigError naming what is wrong
+            check_dataset(self)  # raises ConfigError naming what is wrong
 
 
 @dataclass

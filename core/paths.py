@@ -105,7 +105,7 @@ def check_model_source(name: str, key: str, what: str) -> None:
         raise ConfigError(
             f"{key}: no folder {name!r}{did_you_mean(name)}; {str(parent)!r} is a local folder, so this is a "
             f"mistyped path rather than a Hub id (looked in {looked_in(name)}). Give the folder's exact name; for a "
-            f"Hub model of that id, download it first (`hf download {name}`)"
+            f"Hub repository of that id, download it first (`hf download {name}`)"
         )
 
 
@@ -123,7 +123,7 @@ def _hub_errors() -> tuple[type, ...]:
 
 
 def _network_errors() -> tuple[type, ...]:
-    out: list[type] = []
+    out: list[type] = [ConnectionError, TimeoutError]
     try:
         import httpx
 
@@ -148,18 +148,21 @@ def _chain(e: BaseException):
         x = x.__cause__ or x.__context__
 
 
-def describe_load_failure(key: str, name: str, what: str, e: BaseException) -> str | None:
+def describe_load_failure(key: str, name: str, what: str, e: BaseException, repo_type: str = "model") -> str | None:
     """One paragraph for a model that could not be loaded from ``name`` (the value of config key
     ``key``), naming the fix; ``None`` when ``e`` is not a Hub, network or missing-file failure
     (then it is a bug, and is shown as one)."""
     from huggingface_hub import errors as hub
 
+    if name.startswith(("http://", "https://", "ftp://")):  # a plain download, not the Hub
+        return f"{key}: {_first_line(e)}" if isinstance(e, OSError) else None
     chain = list(_chain(e))
     find = lambda *types: next((x for x in chain if isinstance(x, types)), None)  # noqa: E731
     cache = hub_cache_dir()
     import re
 
-    alt = f" (or `hf download {name}`)" if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else ""
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    alt = f" (or `hf download {name}{kind}`)" if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else ""
     fetch = (f"On a machine with network access run `polyrl prefetch <config>`{alt} and copy "
              f"its Hugging Face cache to {cache} here (or point HF_HUB_CACHE at it), or set {key} to {what}")
     if find(hub.GatedRepoError):
@@ -191,7 +194,7 @@ def _first_line(e: BaseException | None) -> str:
 
 
 @contextmanager
-def model_load_errors(key: str, name: str, what: str) -> Iterator[None]:
+def model_load_errors(key: str, name: str, what: str, repo_type: str = "model") -> Iterator[None]:
     """Turn a failure to load the model ``name`` (config key ``key``) from the Hub or a missing file
     into a :class:`ConfigError` that says what to do (:func:`describe_load_failure`); anything
     else propagates unchanged."""
@@ -200,7 +203,7 @@ def model_load_errors(key: str, name: str, what: str) -> Iterator[None]:
     except ConfigError:
         raise
     except (OSError, RuntimeError, ValueError) as e:
-        message = describe_load_failure(key, name, what, e)
+        message = describe_load_failure(key, name, what, e, repo_type)
         if message is None:
             raise
         raise ConfigError(message) from e

@@ -2,7 +2,8 @@
 
 A config names its models by Hub id (``policy.pretrained: CompVis/stable-diffusion-v1-4``), by
 open_clip name and pretrained tag (``ViT-L-14`` / ``openai``), by Hub file
-(``hf-hub:org/repo/file.pt``) or by URL (the LAION aesthetic head). :func:`needs` lists them, each with the config key that names
+(``hf-hub:org/repo/file.pt``), by URL (the LAION aesthetic head) or by Hub dataset id
+(``prompts.dataset: owner/name``). :func:`needs` lists them, each with the config key that names
 it and the place the run will read it from: the Hugging Face cache (``HF_HUB_CACHE``), open_clip's
 cache, or polyrl's own (``POLYRL_CACHE``). :func:`prefetch` downloads what is missing into exactly
 those places, so that the same machine, or one that gets a copy of those folders, can then train
@@ -127,7 +128,7 @@ def _is_local(ref: str) -> bool:
 
 
 def needs(cfg: RunConfig) -> list[Need]:
-    """Every remote model and file the run ``cfg`` reads (local paths are left out)."""
+    """Every remote model, file and dataset the run ``cfg`` reads (local paths are left out)."""
     out: list[Need] = []
     # the policy
     params = cfg.policy.params
@@ -173,6 +174,18 @@ def needs(cfg: RunConfig) -> list[Need]:
                     need.fetch = lambda v=value, c=cache_dir: __import__("huggingface_hub").snapshot_download(v, cache_dir=c)
                     need.where = cache_dir
                 out.append(need)
+    # the prompts
+    if cfg.prompts.dataset is not None:
+        from .prompts import hub_dataset_id, prefetch_hub_dataset
+
+        repo = hub_dataset_id(cfg.prompts.dataset)
+        if repo is not None:
+            cache = hub_cache_dir()
+            subset = f", configuration {cfg.prompts.dataset_config}" if cfg.prompts.dataset_config else ""
+            out.append(Need("prompts.dataset", f"Hub dataset {repo}{subset}, split {cfg.prompts.split}", cache,
+                            f"`hf download {repo} --repo-type dataset` on a machine with network access, then copy "
+                            f"{Path(cache).parent}; or save the split as a .jsonl file and set prompts.dataset to it",
+                            lambda: in_hub_cache(repo, "dataset"), lambda: prefetch_hub_dataset(cfg.prompts)))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -40,10 +41,79 @@ def dataset_source(path: Path, split: str) -> tuple[str, Path]:
     files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)
     if len(files) == 1:
         return files[0].suffix, files[0]
+    if not files and (any(path.rglob("*.parquet")) or any(path.rglob("*.arrow"))):
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"prompts.dataset: {str(path)!r} holds parquet / arrow files, which need the datasets package "
+                "(pip install 'polyrl[datasets]'), or give a .jsonl / .json / .csv file"
+            ) from None
+        return "load", path
     raise ConfigError(
         f"prompts.dataset: {str(path)!r} holds no {split}.jsonl / {split}.json / {split}.csv "
         f"(prompts.split={split!r}) and not exactly one data file; found {[p.name for p in files]}"
     )
+
+
+_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+LOCAL_DATASETS = "a .jsonl / .json / .csv file, a folder of them, or a folder the datasets library reads"
+
+
+def hub_dataset_id(value: str) -> str | None:
+    """``value`` as a Hub dataset id (``owner/name``), or ``None`` when it names a local file or
+    folder, or cannot be an id."""
+    if Path(resolve_path(value)).exists() or not _DATASET_ID.match(value) or value.endswith(DATA_SUFFIXES):
+        return None
+    return value
+
+
+def check_dataset(cfg: PromptsConfig) -> None:
+    """Reject, before any model loads, a ``prompts.dataset`` that cannot be read: a missing local
+    path (a mistyped ``folder/name`` too), a Hub id without the ``datasets`` package, or a local
+    folder with no data. Raises :class:`ConfigError` naming what is wrong."""
+    repo = hub_dataset_id(cfg.dataset)  # type: ignore[arg-type]
+    if repo is None:
+        if cfg.dataset_config is not None and dataset_source(Path(resolve_path(cfg.dataset)), cfg.split)[0] != "load":
+            raise ConfigError("prompts.dataset_config applies only to Hub datasets and folders read by the datasets "
+                              f"library, not to {cfg.dataset!r}; remove it")
+        dataset_source(Path(resolve_path(cfg.dataset)), cfg.split)  # type: ignore[arg-type]
+        return
+    from .paths import check_model_source
+
+    check_model_source(repo, "prompts.dataset", LOCAL_DATASETS)  # a mistyped local path is not sent to the Hub
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"prompts.dataset {repo!r} is read as a Hub dataset id, which needs the datasets package "
+            f"(pip install 'polyrl[datasets]'); or give {LOCAL_DATASETS}"
+        ) from None
+
+
+def load_hub_dataset(cfg: PromptsConfig, source: str) -> list[dict]:
+    """The rows of split ``prompts.split`` of the dataset ``source`` (a Hub id, or a local folder
+    the datasets library reads), configuration ``prompts.dataset_config``."""
+    import datasets
+
+    from .paths import model_load_errors
+
+    try:
+        with model_load_errors("prompts.dataset", cfg.dataset, LOCAL_DATASETS, "dataset"):  # type: ignore[arg-type]
+            data = datasets.load_dataset(source, name=cfg.dataset_config, split=cfg.split)
+    except ValueError as e:
+        text = " ".join(str(e).split())
+        if text.startswith("Unknown split"):
+            raise ConfigError(f"prompts.split={cfg.split!r}: {text}") from None
+        if "BuilderConfig" in text or "Config name is missing" in text:
+            raise ConfigError(f"prompts.dataset_config={cfg.dataset_config!r}: {text}") from None
+        raise
+    return [dict(row) for row in data]
+
+
+def prefetch_hub_dataset(cfg: PromptsConfig) -> int:
+    """Download the configured split of the Hub dataset into the datasets cache (``polyrl prefetch``)."""
+    return len(load_hub_dataset(cfg, cfg.dataset))  # type: ignore[arg-type]
 
 
 def _read_text(path: Path, where: str) -> str:
@@ -114,9 +184,14 @@ def load_prompts(cfg: PromptsConfig) -> list[tuple[str, dict]]:
     if cfg.items is not None:
         return [(p, {}) for p in cfg.items]
     if cfg.dataset is not None:
-        kind, path = dataset_source(Path(resolve_path(cfg.dataset)), cfg.split)
-        where = f"prompts.dataset {str(path)!r}"
-        rows = _split_prompt(_read_records(kind, path, cfg.split, where), cfg.prompt_column, where)
+        repo = hub_dataset_id(cfg.dataset)
+        kind, path = ("hub", Path(repo)) if repo else dataset_source(Path(resolve_path(cfg.dataset)), cfg.split)
+        where = f"prompts.dataset {repo or str(path)!r}"
+        if kind in ("hub", "load"):
+            records = load_hub_dataset(cfg, repo or str(path))
+        else:
+            records = _read_records(kind, path, cfg.split, where)
+        rows = _split_prompt(records, cfg.prompt_column, where)
         if not rows:
             raise ConfigError(f"prompts.dataset {str(path)!r} holds no prompts")
         return rows
