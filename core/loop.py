@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -74,7 +75,10 @@ class Trainer:
                 f"run.output_dir {str(self.run_dir)!r} already holds a run with checkpoints; continue it with "
                 f"`polyrl train --resume {self.run_dir}` or choose another run.output_dir"
             )
-        self.accelerator = Accelerator(cpu=run.cpu, mixed_precision=run.mixed_precision,
+        # launched as several processes on a machine without a GPU: one CPU process group (without
+        # cpu=True accelerate would start each process as a separate one-process run)
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=run.cpu or several, mixed_precision=run.mixed_precision,
                                        **trackers.accelerator_kwargs(run.log_with, self.run_dir))
         if run.threads:
             torch.set_num_threads(run.threads)
