@@ -122,6 +122,7 @@ def test_tensorboard_receives_captioned_images(tmp_path):
     assert [e.step for e in acc.Scalars("reward/clip_score")] == [1]
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written_in_the_run_folder(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -132,3 +133,10 @@ def test_wandb_offline_run_is_written_in_the_run_folder(tmp_path, monkeypatch):
     run_id = json.loads((tmp_path / "run" / "trackers.json").read_text())["wandb_id"]
     offline = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert offline and list(offline[0].glob("*.wandb"))
+    # the fixed-seed texts of iterations 0 and 1 as tables
+    for step in (0, 1):
+        (table,) = (offline[0] / "files" / "media" / "table" / "samples").glob(f"texts_{step}_*.table.json")
+        record = json.loads((tmp_path / "run" / "report" / f"iter_{step:06d}.json").read_text())
+        content = json.loads(table.read_text())
+        assert content["columns"] == ["prompt", "completion", "sentiment"]
+        assert [row[1] for row in content["data"]] == record["texts"]
