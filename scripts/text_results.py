@@ -12,6 +12,8 @@ Usage::
     python scripts/text_results.py                       # writes docs/text_results.md
     python scripts/text_results.py --algorithms ppo grpo --seeds 0 --iterations 10
     python scripts/text_results.py --write-reviews runs/tiny-reviews.jsonl   # DR-PO's reset data only
+    python scripts/text_results.py --variants            # GRPO's loss variants: rewrites their section only
+    python scripts/text_results.py --variants dapo gspo  # some of them
 """
 
 from __future__ import annotations
@@ -45,6 +47,23 @@ ALGORITHMS: dict[str, dict] = {
     "rebel": {"update": {"name": "rebel", "train_batch_size": 8, "inner_epochs": 4, "eta": 3.0}},
     "a_star_po": {"update": {"name": "a_star_po", "train_batch_size": 8, "inner_epochs": 4}, "one_sample": True},
     "dr_po": {"update": {"name": "dr_po", "train_batch_size": 8, "inner_epochs": 4}, "value_head": True, "reset": True},
+}
+# GRPO's loss and advantage variants, each the grpo row's settings with one thing changed (GSPO: its
+# paper's clip range, which is for a sequence ratio); the same budget and seeds.
+VARIANTS: dict[str, dict] = {
+    "grpo": {},
+    "bnpo": {"loss_type": "bnpo"},
+    "dr_grpo": {"loss_type": "dr_grpo"},
+    "dapo": {"loss_type": "dapo"},
+    "bnpo_accumulate_4": {"loss_type": "bnpo", "gradient_accumulation_batches": 4},
+    "dapo_accumulate_4": {"loss_type": "dapo", "gradient_accumulation_batches": 4},
+    "clip_higher": {"epsilon_high": 0.28},
+    "dapo_clip_higher": {"loss_type": "dapo", "epsilon_high": 0.28},
+    "scale_batch": {"scale_rewards": "batch"},
+    "scale_none": {"scale_rewards": "none"},
+    "dr_grpo_scale_none": {"loss_type": "dr_grpo", "scale_rewards": "none"},
+    "gspo": {"importance_sampling_level": "sequence", "epsilon_low": 3e-4, "epsilon_high": 4e-4},
+    "gdpo": {"multi_objective_aggregation": "normalize_then_sum"},
 }
 EVAL_SAMPLES_PER_PROMPT = 4
 EVAL_SEED = 1234
@@ -81,7 +100,7 @@ def eval_prompts() -> list[str]:
 
 
 # ------------------------------------------------------------------------------ runs
-def run_config(name: str, seed: int, out: Path, iterations: int, reviews: Path | None) -> dict:
+def run_config(name: str, seed: int, out: Path, iterations: int, reviews: Path | None, variant: dict | None = None) -> dict:
     spec = ALGORITHMS[name]
     b = dict(BUDGET, iterations=iterations)
     ppi, g = b["prompts_per_iteration"], b["samples_per_prompt"]
@@ -94,7 +113,7 @@ def run_config(name: str, seed: int, out: Path, iterations: int, reviews: Path |
         "policy": {"name": "causal_lm", "pretrained": "assets/tiny-gpt2", "value_head": bool(spec.get("value_head"))},
         "sampler": {"name": "generate", "max_new_tokens": b["max_new_tokens"], "temperature": 1.0},
         "rewards": {"sentiment": {"weight": 1.0}, "perplexity": {"weight": 0.0}},
-        "update": copy.deepcopy(spec["update"]),
+        "update": {**copy.deepcopy(spec["update"]), **(variant or {})},
         "optimizer": {"lr": b["lr"], "max_grad_norm": 1.0},
     }
     if spec.get("reset"):
@@ -134,6 +153,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/text_results.md")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the tiny model runs fastest on one)")
     ap.add_argument("--write-reviews", metavar="PATH", help="only write DR-PO's reset data (JSONL) to PATH")
+    ap.add_argument("--variants", nargs="*", metavar="NAME", choices=list(VARIANTS),
+                    help="run GRPO's loss variants (all when no name is given) and rewrite only their section")
     args = ap.parse_args()
     if args.write_reviews:
         print(f"wrote {write_reviews(Path(args.write_reviews))}")
@@ -147,11 +168,11 @@ def main() -> None:
     from polyrl.rewards.sentiment import VaderSentiment
     from polyrl.rewards.text import BasePerplexity, PerplexityConfig
 
-    runs = Path(args.runs_dir)
+    runs = Path(args.runs_dir + ("-variants" if args.variants is not None else ""))
     if runs.exists():
         shutil.rmtree(runs)
     runs.mkdir(parents=True)
-    reviews = write_reviews(runs / "positive_reviews.jsonl")
+    reviews = write_reviews(runs / "positive_reviews.jsonl") if args.variants is None else None
     sentiment = VaderSentiment()
     base_policy = CausalLMPolicy(CausalLMConfig(pretrained=str(REPO / "assets" / "tiny-gpt2")))
     eval_sampler = TextSampler(TextSamplerConfig(max_new_tokens=BUDGET["max_new_tokens"], temperature=1.0))
@@ -160,10 +181,14 @@ def main() -> None:
     print(f"base model: {before}", flush=True)
 
     results: dict[str, list[dict]] = {}
-    for name in args.algorithms:
+    if args.variants is not None:
+        runs_list = [(v, "grpo", VARIANTS[v]) for v in (args.variants or list(VARIANTS))]
+    else:
+        runs_list = [(name, name, None) for name in args.algorithms]
+    for name, algorithm, variant in runs_list:
         for seed in args.seeds:
             host = Host()
-            data = run_config(name, seed, runs / f"{name}-seed{seed}", args.iterations, reviews)
+            data = run_config(algorithm, seed, runs / f"{name}-seed{seed}", args.iterations, reviews, variant)
             t0 = time.perf_counter()
             trainer = train(host.build_config(data), host)
             wall = time.perf_counter() - t0
@@ -176,7 +201,10 @@ def main() -> None:
             results.setdefault(name, []).append(rec)
             print(f"{name} seed {seed}: {rec}", flush=True)
             del trainer
-    write_table(Path(args.out), before, results, args)
+    if args.variants is not None:
+        write_variants(Path(args.out), before, results, args)
+    else:
+        write_table(Path(args.out), before, results, args)
 
 
 def write_table(path: Path, before: dict, results: dict[str, list[dict]], args: argparse.Namespace) -> None:
@@ -244,11 +272,94 @@ def write_table(path: Path, before: dict, results: dict[str, list[dict]], args: 
         lines.append(f"- {name}: {cells}")
     lines.append(f"- base model: {before['sentiment']:.3f}, {before['perplexity']:.2f}, {before['length']:.1f} tokens")
     text = "\n".join(lines) + "\n"
-    begin, end = "<!-- trl-benchmark:begin -->", "<!-- trl-benchmark:end -->"
     old = path.read_text() if path.is_file() else ""
-    if begin in old and end in old:  # keep the TRL comparison that benchmarks/trl_grpo.py wrote
-        start = old.rfind("\n## ", 0, old.index(begin))
-        text += "\n" + old[start + 1 if start >= 0 else old.index(begin) : old.index(end) + len(end)] + "\n"
+    for marker in ("grpo-variants", "trl-benchmark"):  # keep the sections that other runs wrote
+        section = _section(old, marker)
+        if section:
+            text += "\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
+def _section(text: str, marker: str) -> str:
+    """The ``## `` section of ``text`` that holds ``<!-- marker:begin -->`` ... ``<!-- marker:end -->``."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in text or end not in text:
+        return ""
+    start = text.rfind("\n## ", 0, text.index(begin))
+    return text[start + 1 if start >= 0 else text.index(begin) : text.index(end) + len(end)]
+
+
+def write_variants(path: Path, before: dict, results: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    """Write (or replace) the section of GRPO's loss variants in ``path``, keeping the rest."""
+
+    def mean_sd(values: list[float]) -> str:
+        m = statistics.fmean(values)
+        return f"{m:.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else f"{m:.3f}"
+
+    base = {k: v for k, v in ALGORITHMS["grpo"]["update"].items() if k != "name"}
+    lines = [
+        "## GRPO's loss and advantage variants",
+        "",
+        "Produced by `python scripts/text_results.py --variants` (it rewrites this section only).",
+        "",
+        "<!-- grpo-variants:begin -->",
+        f"Each row is the grpo row above ({', '.join(f'{k}={v}' for k, v in base.items())}, the same budget of "
+        f"{args.iterations} iterations, seeds {', '.join(map(str, args.seeds))}) with the listed settings changed; "
+        "values are mean ± std over seeds, evaluated as above.",
+        "",
+        "| variant | sentiment after | perplexity after | length after | train reward first → last 3 | s / iteration | changed settings |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, recs in results.items():
+        changed = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "(none)"
+        lines.append(
+            f"| {name} | {mean_sd([r['after']['sentiment'] for r in recs])} | "
+            f"{mean_sd([r['after']['perplexity'] for r in recs])} | "
+            f"{statistics.fmean(r['after']['length'] for r in recs):.1f} | "
+            f"{statistics.fmean(r['train_first'] for r in recs):.3f} → {statistics.fmean(r['train_last'] for r in recs):.3f} | "
+            f"{statistics.fmean(r['iteration_s'] for r in recs):.2f} | {changed} |"
+        )
+    lines += [
+        "",
+        "Notes:",
+        "",
+        "- With one micro-batch per optimizer step on one process (train_batch_size=8, no accumulation), dapo's "
+        "normaliser is that micro-batch's token count, so dapo computes exactly bnpo's loss; the two differ once "
+        "several micro-batches are accumulated into one step (the `_accumulate_4` rows: 8 x 4 samples per "
+        "optimizer step, one step per pass instead of four).",
+        "- gspo uses the GSPO paper's clip range for its sequence ratio (3e-4, 4e-4); the token-level ranges "
+        "(0.2) would almost never clip a length-normalised sequence ratio.",
+        "- gdpo normalises each reward within its group before summing: here the perplexity reward has weight 0, "
+        "so gdpo differs from grpo only by re-normalising the summed advantages over the batch.",
+        "- Without std scaling (scale_none, dr_grpo_scale_none) the advantages are the raw centred rewards, smaller "
+        "than the group-normalised ones when a group's rewards spread little, so at the same learning rate these "
+        "runs move less in 30 iterations.",
+        "- s / iteration depends on the machine's load while each row ran; it is not a speed comparison of the variants.",
+        "",
+        f"Base model: sentiment {before['sentiment']:.3f}, perplexity {before['perplexity']:.2f}, "
+        f"length {before['length']:.1f} tokens. Machine: {platform.machine()} CPU, {args.threads} torch thread(s), "
+        f"torch {torch.__version__}.",
+        "",
+        "Per run (seed: sentiment after, perplexity after, mean completion length after, wall time):",
+        "",
+    ]
+    for name, recs in results.items():
+        cells = "; ".join(
+            f"seed {r['seed']}: {r['after']['sentiment']:.3f}, {r['after']['perplexity']:.2f}, "
+            f"{r['after']['length']:.1f} tokens, {r['wall_s']:.0f} s" for r in recs
+        )
+        lines.append(f"- {name}: {cells}")
+    lines.append("<!-- grpo-variants:end -->")
+    section = "\n".join(lines)
+    old = path.read_text() if path.is_file() else ""
+    current = _section(old, "grpo-variants")
+    if current:
+        text = old.replace(current, section)
+    else:
+        trl = _section(old, "trl-benchmark")
+        text = old.replace(trl, section + "\n\n" + trl) if trl else old.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"wrote {path}")
