@@ -83,7 +83,6 @@ class Trainer:
         if run.threads:
             torch.set_num_threads(run.threads)
         if self.accelerator.is_main_process:
-            print(f"polyrl: {launch_summary(self.accelerator)}", file=sys.stderr, flush=True)
             if run.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
                 print("polyrl: mixed_precision fp16 has no autocast on a CPU: this run computes in float32 "
                       "(bf16 has one on CPUs)", file=sys.stderr, flush=True)
@@ -91,6 +90,8 @@ class Trainer:
         self.completed = 0
         self.sample_batch = 0
         self.prompts = PromptSource(config.prompts, run.seed)
+        if self.accelerator.is_main_process:  # after the prompts: a bad prompt file is the only line then
+            print(f"polyrl: {launch_summary(self.accelerator)}", file=sys.stderr, flush=True)
         torch.manual_seed(derive_seed(run.seed, "init", self.accelerator.process_index))
 
         # Components: the policy first (samplers and rewards may share its device and tokenizer).
