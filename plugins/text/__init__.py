@@ -7,7 +7,9 @@ Components:
 * policy ``seq2seq_lm`` (:class:`Seq2SeqLMPolicy`, same config): T5, BART...;
 * sampler ``generate`` (:class:`TextSampler`, config :class:`TextSamplerConfig`) for causal LMs
   and ``seq2seq_generate`` (:class:`Seq2SeqSampler`, same config) for encoder-decoder LMs, both
-  producing ``texts`` (and ``completion_ids``) for rewards.
+  producing ``texts`` (and ``completion_ids``) for rewards;
+* sampler ``vllm`` (:class:`VLLMSampler`, config :class:`VLLMSamplerConfig`): a colocated vLLM
+  engine for causal LMs (vLLM is optional; it is imported only when this sampler is used).
 
 Example run config::
 
@@ -25,6 +27,7 @@ from .logits import SamplingSettings, process_logits, token_log_probs
 from .policy import CausalLMConfig, CausalLMPolicy
 from .sampler import TextSampler, TextSamplerConfig
 from .seq2seq import Seq2SeqLMPolicy, Seq2SeqSampler
+from .vllm_sampler import VLLMSampler, VLLMSamplerConfig
 
 __all__ = [
     "CausalLMConfig",
@@ -33,6 +36,8 @@ __all__ = [
     "Seq2SeqLMPolicy",
     "Seq2SeqSampler",
     "TextSamplerConfig",
+    "VLLMSampler",
+    "VLLMSamplerConfig",
     "SamplingSettings",
     "process_logits",
     "token_log_probs",
@@ -101,5 +106,16 @@ def polyrl_samplers() -> list[ComponentSpec]:
             requires={"seq2seq_lm"},
             capabilities={"dataset_resets"},
             description="encoder once, then batched decoding with KV cache (temperature, top-k, top-p, EOS)",
+        ),
+        ComponentSpec(
+            name="vllm",
+            factory=lambda cfg, policy=None: VLLMSampler(cfg),
+            config_cls=VLLMSamplerConfig,
+            modality="text",
+            produces=("texts", "completion_ids"),
+            rollout="tokens",
+            requires={"causal_lm"},
+            description="a colocated vLLM engine (optional dependency), refreshed with the policy's weights after "
+                        "every update; records the engine's log-probs",
         ),
     ]

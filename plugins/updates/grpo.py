@@ -35,6 +35,23 @@ with the asymmetric "clip-higher" range of DAPO (arXiv:2503.14476; ``epsilon_hig
 processes (divided by the number of processes, whose gradients are averaged), so the step's
 gradient is that of one token mean over the step's whole batch. TRL counts ``N`` over its whole
 generation batch, which is one optimizer step with its default ``steps_per_generation``.
+
+When another engine samples (the ``vllm`` sampler), its log-probs ``logp_engine`` differ from the
+trained model's even with the same weights (other kernels, other precision). ``engine_correction``
+then recomputes the old log-probs with the trained model before the first optimizer step, uses
+them in the ratio ``r_t``, and weights the policy term of each token by a truncated importance
+weight (TRL's ``vllm_importance_sampling_correction``; verl's rollout correction)::
+
+    token_truncate:    w_t = min(exp(logp_old_t - logp_engine_t), C)
+    token_mask:        w_t = exp(logp_old_t - logp_engine_t), or 0 where it exceeds C
+    sequence_truncate: w   = min(exp(sum_t m_t (logp_old_t - logp_engine_t)), C)
+    sequence_mask:     w   = exp(sum_t m_t (logp_old_t - logp_engine_t)), or 0 where it exceeds C
+
+    l_t = -w_t min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t
+
+with ``C = engine_correction_max``. The mismatch is logged: ``engine/logp_diff_mean`` and
+``engine/logp_diff_max`` (``|logp_old - logp_engine|`` over valid tokens), ``engine/is_weight_mean``
+and ``engine/capped_fraction`` (the tokens, or sequences, whose ratio exceeded ``C``).
 """
 
 from __future__ import annotations
@@ -49,6 +66,7 @@ from polyrl.types import ConfigError, Rollout, Update
 from .common import check_batching, sequence_rewards, windows
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+ENGINE_CORRECTIONS = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 LEGACY_AGGREGATION = {"sequence_mean": "grpo", "token_mean": "bnpo"}
 SCALE_REWARDS = ("group", "batch", "none")
 STD_EPS = 1e-4  # added to every std, as in TRL
@@ -94,6 +112,15 @@ class GRPOConfig:
     """With several rewards: sum_then_normalize computes advantages from the weighted total;
     normalize_then_sum (GDPO) normalises each reward within its group, sums them with their
     weights and normalises the sum over the batch (``scale_rewards`` is then not used)."""
+    engine_correction: Literal["off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "off"
+    """Correct for the mismatch between the sampling engine's log-probs (``vllm`` sampler) and the
+    trained model's with truncated importance sampling (see the module docstring). off: the ratio
+    uses the sampler's log-probs as they are. TRL's ``vllm_importance_sampling_mode`` (whose
+    default there is sequence_mask); token_truncate is its original form."""
+    engine_correction_max: float = 3.0
+    """The importance weight's cap ``C`` (> 0): weights above it are truncated to it (``*_truncate``)
+    or set to 0 (``*_mask``). TRL's ``vllm_importance_sampling_clip_max`` (default 3.0; its older
+    ``vllm_importance_sampling_cap`` defaulted to 2.0)."""
     loss_aggregation: Literal["sequence_mean", "token_mean"] | None = None
     """Deprecated, read as ``loss_type``: sequence_mean is grpo, token_mean is bnpo. null: unset."""
 
@@ -123,6 +150,10 @@ class GRPOConfig:
             raise ConfigError(f"update.epsilon_high must be >= 0, got {high}")
         if self.inner_epochs < 1:
             raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
+        if self.engine_correction not in ENGINE_CORRECTIONS:
+            raise ConfigError(f"update.engine_correction={self.engine_correction!r}; accepted: {list(ENGINE_CORRECTIONS)}")
+        if not self.engine_correction_max > 0:
+            raise ConfigError(f"update.engine_correction_max must be > 0, got {self.engine_correction_max}")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ConfigError(f"update.max_completion_length must be >= 1 or null, got {self.max_completion_length}")
 
@@ -214,6 +245,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_tokens: float | torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO's loss on one micro-batch (see the module docstring).
 
@@ -222,6 +254,8 @@ def grpo_loss(
     accepts the old names ``sequence_mean`` (grpo) and ``token_mean`` (bnpo). ``dr_grpo`` needs
     ``max_completion_length`` (default ``T``); ``dapo`` needs ``num_tokens``, the normaliser (the
     optimizer step's valid tokens on all processes divided by the number of processes).
+    ``is_weights`` (``[b, T]`` or ``[b, 1]``) weight the policy term of each token (see
+    :func:`engine_is_weights`).
     """
     loss_type = LEGACY_AGGREGATION.get(loss_type, loss_type)
     eps_low, eps_high = clip_range, clip_range if epsilon_high is None else epsilon_high
@@ -236,6 +270,8 @@ def grpo_loss(
         raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}; accepted: 'token', 'sequence'")
     ratio = torch.exp(log_w)
     per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+    if is_weights is not None:  # the sampling engine's mismatch, [b, T] or [b, 1] (no gradient)
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     n_tokens = m.sum().clamp(min=1)
     stats: dict[str, float] = {}
     if beta > 0:
@@ -274,6 +310,35 @@ def grpo_loss(
     return loss, stats
 
 
+def engine_is_weights(
+    old: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance weights for the mismatch between the trained model's log-probs ``old``
+    and the sampling engine's ``engine`` (both ``[B, T]``, no gradient): ``[B, T]`` for the token
+    modes, ``[B, 1]`` for the sequence modes (see the module docstring), and the mismatch stats."""
+    if mode not in ENGINE_CORRECTIONS or mode == "off":
+        raise ValueError(f"unknown engine correction {mode!r}; accepted: {list(ENGINE_CORRECTIONS[1:])}")
+    m = mask.to(old.dtype)
+    diff = (old - engine.to(old.dtype)) * m
+    if mode.startswith("sequence"):
+        log_w, weight = diff.sum(1, keepdim=True), torch.ones_like(m[:, :1])
+    else:
+        log_w, weight = diff, m
+    ratio = torch.exp(log_w)
+    over = ratio > cap
+    w = ratio.clamp(max=cap) if mode.endswith("truncate") else ratio.masked_fill(over, 0.0)
+    valid = mask.bool()
+    gap = diff.abs()[valid]
+    count = weight.sum().clamp(min=1)
+    stats = {
+        "engine/logp_diff_mean": gap.mean().item() if gap.numel() else 0.0,
+        "engine/logp_diff_max": gap.max().item() if gap.numel() else 0.0,
+        "engine/is_weight_mean": ((w * weight).sum() / count).item(),
+        "engine/capped_fraction": ((over.to(m.dtype) * weight).sum() / count).item(),
+    }
+    return w, stats
+
+
 # ------------------------------------------------------------------------------------ update
 class GRPO(Update):
     def __init__(self, cfg: GRPOConfig) -> None:
@@ -295,13 +360,28 @@ class GRPO(Update):
                 raise ValueError(
                     "update.multi_objective_aggregation='normalize_then_sum' needs the reward components on the rollout "
                     f"(rollout.outputs['reward_components'], [B={rollout.batch_size}, K={len(weights)}]), which the "
-                    "default polyrl_reward hook adds; a plugin that replaces that hook must add them too"
+                    "loop adds from the reward hook's components; a plugin that calls this update itself must add them too"
                 )
             summed = gdpo_rewards(components, weights, groups)
             return batch_normalize(summed, everywhere(summed))
         rewards = sequence_rewards(rewards).detach().float().cpu()
         batch = everywhere(rewards) if cfg.scale_rewards == "batch" else None
         return grpo_advantages(rewards, groups, cfg.scale_rewards, batch)
+
+    @torch.no_grad()
+    def correct_engine(self, trainer, rollout: Rollout) -> dict[str, float]:
+        """Recompute the old log-probs with the trained model (in micro-batches), keep the sampler's
+        as ``data["engine_log_probs"]``, and put the truncated importance weights in
+        ``data["engine_is_weights"]``; returns the mismatch stats."""
+        cfg = self.cfg
+        engine = rollout.data.get("engine_log_probs", rollout.log_probs)
+        old = torch.cat([trainer.model(rollout.select(idx)).detach().float()
+                         for idx in torch.arange(rollout.batch_size).split(cfg.train_batch_size)])
+        weights, stats = engine_is_weights(old, engine, rollout.mask, cfg.engine_correction, cfg.engine_correction_max)
+        rollout.data["engine_log_probs"] = engine
+        rollout.data["engine_is_weights"] = weights
+        rollout.log_probs = old
+        return stats
 
     def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
@@ -311,6 +391,7 @@ class GRPO(Update):
         rollout = rollout.to(device)
         if cfg.beta > 0:
             rollout.ref_log_probs = trainer.policy.reference_log_probs(rollout)
+        engine_stats = self.correct_engine(trainer, rollout) if cfg.engine_correction != "off" else {}
         b = rollout.batch_size
         eps_low, eps_high = cfg.clip_bounds
         g = trainer.generator("update")
@@ -331,6 +412,7 @@ class GRPO(Update):
                             logp, mb.log_probs, adv[idx.to(device)], mb.mask, eps_low, cfg.beta, mb.ref_log_probs,
                             cfg.loss_type, epsilon_high=eps_high, importance_sampling_level=cfg.importance_sampling_level,
                             max_completion_length=cfg.max_completion_length, num_tokens=num_tokens,
+                            is_weights=mb.data.get("engine_is_weights"),
                         )
                         # dapo's normaliser already spans the whole step; the others average the micro-batches
                         trainer.backward(loss if cfg.loss_type == "dapo" else loss / len(window))
@@ -342,4 +424,5 @@ class GRPO(Update):
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["completion_length"] = rollout.mask.float().sum(1).mean().item()
         out["advantage_abs_mean"] = adv.abs().mean().item()
+        out.update(engine_stats)
         return out
