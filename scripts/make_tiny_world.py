@@ -701,6 +701,202 @@ def evaluate(out: Path, docs: Path | None, log: Log, seed: int, n_per: int) -> d
     return metrics
 
 
+# ----------------------------------------------------------------------------------- the flow model
+FLOW_SHIFT = 3.0
+"""Timestep shift of the tiny flow model's ``FlowMatchEulerDiscreteScheduler`` (SD3's value):
+sampling and training sigmas are ``shift·σ / (1 + (shift − 1)·σ)``."""
+FLOW_CLIP_TOKENS = 16
+"""``model_max_length`` of the tiny flow model's CLIP tokenizers: the longest caption is 8 tokens,
+and CLIP's causal attention makes the first 16 states of a 77-token pass identical to a 16-token
+pass. Short contexts make the transformer 10x cheaper on a CPU than SD3's 77 + 256 tokens."""
+FLOW_T5_TOKENS = 0
+"""Length of the (absent) T5 part of the SD3 prompt embeddings: ``StableDiffusion3Pipeline`` fills
+``max_sequence_length`` positions with zeros when ``text_encoder_3`` is ``None``. The tiny flow
+model is trained without them: sample it with ``max_sequence_length=0`` (the ``flow`` policy does
+so by itself for pipelines without T5)."""
+FLOW_GUIDANCE = 4.5
+"""The guidance scale the tiny flow model is also evaluated with (SD3.5-medium's default)."""
+
+
+def make_flow_transformer():
+    """An SD3-layout MMDiT (``SD3Transformer2DModel``): 4 joint blocks of width 64 (4 heads of 16),
+    patch size 2 (SD3's) on the 4x8x8 latents, context width 64 (the two 32-wide CLIP encoders side by
+    side), pooled width 64."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=16,
+        num_attention_heads=4, joint_attention_dim=2 * HIDDEN, caption_projection_dim=64,
+        pooled_projection_dim=2 * HIDDEN, pos_embed_max_size=LATENT_SIZE,
+    )
+
+
+def flow_text_encoder(text_encoder):
+    """SD3's CLIP encoders are ``CLIPTextModelWithProjection``: the tiny SD's text encoder with an
+    identity projection (the pooled embedding is its final end-of-text state)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(**{k: v for k, v in text_encoder.config.to_dict().items() if k in CLIPTextConfig().to_dict()})
+    model = CLIPTextModelWithProjection(cfg)
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) == {"text_projection.weight"}, (missing, unexpected)
+    with torch.no_grad():
+        model.text_projection.weight.copy_(torch.eye(cfg.projection_dim, cfg.hidden_size))
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def flow_prompt_embeds(tokenizer, text_encoder, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt_embeds [N, 16, 64], pooled [N, 64])`` exactly as ``StableDiffusion3Pipeline``
+    builds them from two CLIP encoders (here the same weights twice) and no T5: penultimate hidden
+    states side by side, then a T5 block of ``FLOW_T5_TOKENS`` zeros."""
+    ids = tokenizer(texts, padding="max_length", max_length=FLOW_CLIP_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    out = text_encoder(ids, output_hidden_states=True)
+    hidden, pooled = out.hidden_states[-2], out.text_embeds
+    clip = torch.cat([hidden, hidden], -1)
+    t5 = torch.zeros(len(texts), FLOW_T5_TOKENS, clip.shape[-1])
+    return torch.cat([clip, t5], 1), torch.cat([pooled, pooled], -1)
+
+
+def train_flow(latents: torch.Tensor, latent_std: torch.Tensor, labels: torch.Tensor, tokenizer, text_encoder,
+               steps: int, log: Log, seed: int):
+    """Rectified flow (SD3): ``x_σ = (1 − σ)·x0 + σ·ε``, the transformer regresses ``v = ε − x0`` at
+    timestep ``1000·σ``; σ logit-normal (m 0, s 1), then shifted by ``FLOW_SHIFT``; 10% empty
+    captions; frozen text encoders; EMA (0.999). ``latents`` are already ``(z − shift)·scale``."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = make_flow_transformer()
+    captions = [caption(*c) for c in TRAIN] + [""]
+    embeds, pooled = flow_prompt_embeds(tokenizer, text_encoder, captions)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
+    lr = cosine_lr(opt, steps, warmup=100)
+    ema = EMA(model, 0.999)
+    b = 64
+    for k in range(steps):
+        idx = torch.randint(0, len(latents), (b,), generator=g)
+        z0 = latents[idx] + latent_std[idx] * torch.randn(latents[idx].shape, generator=g)
+        cap = labels[idx].clone()
+        cap[torch.rand(b, generator=g) < 0.1] = len(captions) - 1
+        sigma = torch.sigmoid(torch.randn(b, generator=g))
+        sigma = FLOW_SHIFT * sigma / (1 + (FLOW_SHIFT - 1) * sigma)
+        eps = torch.randn(z0.shape, generator=g)
+        s = sigma.view(b, 1, 1, 1)
+        zt = (1 - s) * z0 + s * eps
+        out = model(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=embeds[cap],
+                    pooled_projections=pooled[cap]).sample
+        loss = F.mse_loss(out, eps - z0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lr.step()
+        ema.update(model)
+        if k % 250 == 0 or k == steps - 1:
+            log(f"flow step {k}/{steps} loss {loss.item():.4f}")
+    return ema.module
+
+
+def save_flow(folder: Path, vae, transformer, text_encoder, tokenizer_src: Path) -> None:
+    """A ``StableDiffusion3Pipeline`` folder: the transformer, the VAE (with SD3's ``shift_factor``),
+    the two CLIP encoders and tokenizers, no T5 (``text_encoder_3``/``tokenizer_3`` null)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tokenizer_src)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT),
+        vae=vae, text_encoder=text_encoder, tokenizer=tok, text_encoder_2=copy.deepcopy(text_encoder),
+        tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer", "tokenizer_2"):
+        _copy_tokenizer(tokenizer_src, folder / name)
+        cfg_path = folder / name / "tokenizer_config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_max_length": FLOW_CLIP_TOKENS},
+                                       indent=2) + "\n")
+
+
+@torch.no_grad()
+def sample_flow(folder: Path, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 50) -> torch.Tensor:
+    """Samples ``[B, 3, 64, 64]`` in [0, 1] from the saved folder with the plain diffusers
+    ``StableDiffusion3Pipeline`` (Euler ODE; no T5: ``text_encoder_3=None, tokenizer_3=None``)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    out = [pipe(prompts[s : s + batch], num_inference_steps=steps, guidance_scale=guidance, height=IMAGE_SIZE,
+                width=IMAGE_SIZE, generator=g, output_type="pt", max_sequence_length=FLOW_T5_TOKENS).images for s in range(0, len(prompts), batch)]
+    return torch.cat(out).float().clamp(0, 1)
+
+
+def shape_match_accuracy(images: torch.Tensor, combos: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Per-attribute and all-three agreement of the pixel detector of ``shape_match``."""
+    from polyrl.rewards.shape_match import detect
+
+    found = [detect(x) for x in images]
+    hits = torch.tensor([[f[a] == c[k] for k, a in enumerate(ATTRIBUTES)] for f, c in zip(found, combos)], dtype=torch.float32)
+    out = {f"shape_match_{a}": hits[:, k].mean().item() for k, a in enumerate(ATTRIBUTES)}
+    out["shape_match_all_three"] = hits.all(1).float().mean().item()
+    out["shape_match_reward"] = hits.mean().item()
+    return out
+
+
+def evaluate_flow(out: Path, log: Log, seed: int, n_per: int, steps_list=(10,)) -> dict:
+    """Held-out and training captions, 200 samples each, without guidance and with ``FLOW_GUIDANCE``:
+    tiny-CLIP attribute accuracy (as for the other models) and the ``shape_match`` detector's."""
+    metrics: dict = {}
+    for split, combos in (("train_captions", TRAIN), ("heldout_captions", HELDOUT)):
+        reps = max(1, n_per * 20 // len(combos))
+        asked = [c for c in combos for _ in range(reps)]
+        for steps in steps_list:
+            for gs in (1.0, FLOW_GUIDANCE):
+                imgs = sample_flow(out / "tiny-flow", [caption(*c) for c in asked], steps, gs, seed + 7)
+                acc = {**attribute_accuracy(imgs, asked, out / "tiny-clip"), **shape_match_accuracy(imgs, asked)}
+                metrics[f"samples/tiny-flow/{steps}_steps/guidance_{gs:g}/{split}"] = acc
+                log(f"tiny-flow {steps} steps, guidance {gs:g}, {split} ({len(asked)} samples): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return metrics
+
+
+def make_flow(out: Path, work: Path, tok_dir: Path, vae, text_encoder, data: torch.Tensor, labels: torch.Tensor,
+              steps: dict, log: Log, seed: int) -> dict:
+    """The flow stage: SD3 latents of the training images, the rectified-flow transformer, the
+    ``assets/tiny-flow`` folder, and its evaluation (written to its ``world.json``)."""
+    from transformers import CLIPTokenizer
+
+    t0 = time.perf_counter()
+    vae = copy.deepcopy(vae)
+    mean, std = encode_latents(vae, data)  # unscaled posterior mean and std
+    shift = float(mean.mean())
+    scale = float(1 / (mean - shift).std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    latents, latent_std = (mean - shift) * scale, std * scale
+    log(f"flow: latents shift_factor {shift:.4f}, scaling_factor {scale:.4f}")
+    encoder = flow_text_encoder(text_encoder)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    if (work / "flow" / "model_index.json").is_file():
+        log("flow: cached")
+        train_seconds: float | str = "cached"
+    else:
+        transformer = train_flow(latents, latent_std, labels, tokenizer, encoder, steps["flow"], log, seed)
+        save_flow(work / "flow", vae, transformer, encoder, tok_dir)
+        train_seconds = round(time.perf_counter() - t0, 1)
+    shutil.rmtree(out / "tiny-flow", ignore_errors=True)
+    shutil.copytree(work / "flow", out / "tiny-flow")
+    (out / "tiny-flow" / "prompts.txt").write_text("".join(caption(*c) + "\n" for c in TRAIN))
+    (out / "tiny-flow" / "prompts_heldout.txt").write_text("".join(caption(*c) + "\n" for c in HELDOUT))
+    t1 = time.perf_counter()
+    metrics = evaluate_flow(out, log, seed, steps["eval_per"])
+    size = sum(f.stat().st_size for f in (out / "tiny-flow").rglob("*") if f.is_file())
+    log(f"tiny-flow: {size / 1e6:.2f} MB")
+    return {"seed": seed, "threads": torch.get_num_threads(), "flow_steps": steps["flow"], "flow_shift": FLOW_SHIFT,
+            "stage_seconds": {"flow": train_seconds, "flow_eval": round(time.perf_counter() - t1, 1)},
+            "metrics": metrics, "bytes": size}
+
+
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -710,6 +906,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and a few steps per stage")
+    parser.add_argument("--flow-only", action="store_true",
+                        help="only the flow stage: train assets/tiny-flow from the VAE and text encoder in <out>/tiny-sd")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -720,7 +918,7 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     q = args.quick
     steps = {"per_combo": 4 if q else 150, "vae": 10 if q else 1800, "vae_full": 4 if q else 250, "sd": 10 if q else 3000,
-             "lcm": 10 if q else 1500, "clip": 10 if q else 1200, "eval_per": 1 if q else 10}
+             "lcm": 10 if q else 1500, "clip": 10 if q else 1200, "eval_per": 1 if q else 10, "flow": 10 if q else 3000}
     out, work = Path(args.out), Path(args.work)
     docs = Path(args.docs) if args.docs else None
     work.mkdir(parents=True, exist_ok=True)
@@ -751,6 +949,11 @@ def main(argv: list[str] | None = None) -> dict:
     with stage("data"):
         data, labels = make_images(TRAIN, steps["per_combo"], args.seed)
         log(f"data: {len(data)} images of {len(TRAIN)} training captions ({len(HELDOUT)} held out)")
+
+    if args.flow_only:
+        vae = AutoencoderKL.from_pretrained(out / "tiny-sd" / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(out / "tiny-sd" / "text_encoder")
+        return _flow_stage(out, work, tok_dir, vae, text_encoder, data, labels, steps, log, args.seed)
 
     with stage("vae"):
         if (work / "vae" / "config.json").is_file():
@@ -818,7 +1021,18 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("tiny-sd", "tiny-lcm", "tiny-clip"):
         (out / name / "world.json").write_text(json.dumps(summary, indent=1) + "\n")
         (out / name / "training_log.txt").write_text("\n".join(log.lines) + "\n")
+    summary["flow"] = _flow_stage(out, work, tok_dir, vae, text_encoder, data, labels, steps, log, args.seed)
     return summary
+
+
+def _flow_stage(out: Path, work: Path, tok_dir: Path, vae, text_encoder, data, labels, steps: dict, log: Log,
+                seed: int) -> dict:
+    """Run :func:`make_flow` (seed ``seed + 5``) and write ``tiny-flow/world.json`` and its log."""
+    start = len(log.lines)
+    flow = make_flow(out, work, tok_dir, vae, text_encoder, data, labels, steps, log, seed + 5)
+    (out / "tiny-flow" / "world.json").write_text(json.dumps(flow, indent=1) + "\n")
+    (out / "tiny-flow" / "training_log.txt").write_text("\n".join(log.lines[start:]) + "\n")
+    return flow
 
 
 if __name__ == "__main__":
