@@ -237,7 +237,7 @@ def test_full_save_pretrained_loads_with_transformers(tmp_path: Path, full: Caus
 def test_plugin_registration_and_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     policies = {s.name: s for s in text_plugin.polyrl_policies()}
     samplers = {s.name: s for s in text_plugin.polyrl_samplers()}
-    assert set(policies) == {"causal_lm", "seq2seq_lm"} and set(samplers) == {"generate", "seq2seq_generate"}
+    assert set(policies) == {"causal_lm", "seq2seq_lm"} and set(samplers) == {"generate", "seq2seq_generate", "vllm"}
     policy_spec, sampler_spec = policies["causal_lm"], samplers["generate"]
     assert policy_spec.modality == "text"
     assert sampler_spec.modality == "text" and "texts" in sampler_spec.produces

@@ -334,8 +334,44 @@ class CausalLMPolicy(Policy):
         frozen copy of the pretrained weights is loaded from ``pretrained`` the first time this is
         called (so that it is the initial model even after a resume) and kept on the policy's device.
         """
-        with self._reference_model() as ref:
+        with self.unsharded(), self._reference_model() as ref:
             return self._log_probs(ref, rollout, steps)
+
+    # ------------------------------------------------------------------ sharded training (FSDP2)
+    @contextlib.contextmanager
+    def unsharded(self) -> Iterator[None]:
+        """Around passes that call ``self.model`` directly (the reference policy, sampling) when the
+        policy is sharded with FSDP2 (``fully_shard``, as accelerate's FSDP2 profile does): the
+        root's own parameters (embeddings, final norm) are gathered for the pass, and sharded
+        again after it. Every process must enter it together. Nothing happens when not sharded."""
+        unshard = getattr(self, "unshard", None)
+        if not callable(unshard) or not hasattr(self, "reshard"):
+            yield
+            return
+        unshard()
+        try:
+            yield
+        finally:
+            self.reshard()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights as full CPU tensors. Parameters sharded with FSDP2 (DTensors) are
+        gathered: every process must call it together, and every process gets the full state."""
+        return {k: _full_tensor(v) for k, v in super().trainable_state_dict().items()}
+
+    def load_trainable_state_dict(self, state) -> None:
+        """Load full tensors (from :meth:`trainable_state_dict` or a checkpoint); into FSDP2-sharded
+        parameters each process keeps its own shard (no communication)."""
+        params = dict(self.named_parameters())
+        local = {}
+        for k, v in state.items():
+            p = params.get(k)
+            if p is not None and hasattr(p, "device_mesh") and hasattr(p, "placements"):
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            local[k] = v
+        super().load_trainable_state_dict(local)
 
     @contextlib.contextmanager
     def _reference_model(self) -> Iterator[nn.Module]:
@@ -368,6 +404,12 @@ class CausalLMPolicy(Policy):
 
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                       str(Path(path) / "value_head.safetensors"))
+
+
+def _full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value on CPU (a collective); any other tensor as it is."""
+    full = getattr(value, "full_tensor", None)
+    return full().detach().cpu().contiguous() if callable(full) else value
 
 
 def _zero_dropout(config: Any, depth: int = 0) -> None:
