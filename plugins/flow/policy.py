@@ -143,7 +143,9 @@ def load_flow_pipeline(config: FlowPolicyConfig):
     for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, part, None)
         if module is not None:
-            module.to(frozen).requires_grad_(False).eval()
+            if module.dtype != frozen:
+                module.to(frozen)
+            module.requires_grad_(False).eval()
     return pipe, LAYOUTS[name]
 
 
@@ -432,12 +434,13 @@ class FlowPolicy(Policy):
     def save_pretrained(self, path: str) -> None:
         """Write ``pytorch_lora_weights.safetensors`` in ``path`` for
         ``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(path)`` (or ``FluxPipeline``)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.transformer))
+        # PEFT's key names, as diffusers' SD3 / FLUX LoRA training scripts save them (the old
+        # `lora.down`/`lora.up` renaming of SD 1.x would not load back into these transformers)
+        lora = get_peft_model_state_dict(self.transformer)
         lora = {k: v.detach().cpu().contiguous() for k, v in lora.items()}
         type(self.pipeline).save_lora_weights(
             save_directory=str(out),
