@@ -348,6 +348,9 @@ class CausalLMPolicy(Policy):
         if not callable(unshard) or not hasattr(self, "reshard"):
             yield
             return
+        state = getattr(self, "_get_fsdp_state", lambda: None)()
+        if state is not None and callable(getattr(state, "_lazy_init", None)):
+            state._lazy_init()  # FSDP2 picks its root at the first forward: make it this policy, not a block
         unshard()
         try:
             yield
