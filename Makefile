@@ -6,7 +6,7 @@ STAMP := $(VENV)/.polyrl-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test
+.PHONY: setup train test test-vllm
 
 $(STAMP): pyproject.toml scripts/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +21,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the vllm sampler's tests, in a separate environment with vLLM (built on first use; see .ci/vllm)
+test-vllm:
+	.ci/vllm $(PYTEST_ARGS)
