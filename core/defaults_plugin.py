@@ -10,26 +10,28 @@ import torch
 
 from . import hookimpl
 from .scoring import compose_rewards, score  # noqa: F401 - compose_rewards is re-exported
+from .types import Rollout
 
 
 @hookimpl(trylast=True)
 def polyrl_sample(trainer, contexts):
     # the same precision path as the update's recomputation (accelerate runs the prepared model's
     # forward under autocast), so that the first, on-policy ratios are 1 under mixed precision too
+    # Samplers yield their batch in chunks (one chunk unless they work in batches); with
+    # ``run.async_rewards`` the loop scores each chunk while the next one samples.
+    g = trainer.generator(f"sample/{trainer.sample_batch}")
+    chunks = []
     with torch.no_grad(), trainer.accelerator.autocast():
-        return trainer.sampler.sample(trainer.policy, contexts, trainer.generator(f"sample/{trainer.sample_batch}"))
+        for chunk in trainer.sampler.sample_chunks(trainer.policy, contexts, g):
+            chunks.append(chunk)
+            if trainer.on_sample_chunk is not None:
+                trainer.on_sample_chunk(chunk)
+    return Rollout.cat(chunks)
 
 
 @hookimpl(trylast=True)
 def polyrl_reward(trainer, rollout):
-    out = score(trainer.rewards, rollout)
-    # each reward's per-sample score, [B, K] in the order of trainer.rewards, for updates that
-    # normalise rewards separately (GRPO's multi_objective_aggregation: normalize_then_sum)
-    if out.components:
-        rollout.outputs["reward_components"] = torch.stack(
-            [v.sum(1) if v.dim() == 2 else v for v in out.components.values()], dim=1
-        )
-    return out
+    return score(trainer.rewards, rollout)
 
 
 @hookimpl(trylast=True)

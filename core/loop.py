@@ -112,6 +112,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opt.lr_factor(run.iterations))
         self.phase = "setup"
         self._stop_requested = False
+        self.on_sample_chunk: Any = None  # set by the loop while a batch samples (async rewards)
         self._stop_signal: int | None = None
         self._saving = False
 
@@ -325,6 +326,12 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                disable=not (run.progress and acc.is_main_process), dynamic_ncols=True)
     snapshot: dict[str, Any] | None = None
     reward_pool = ThreadPoolExecutor(1, thread_name_prefix="polyrl-reward") if run.async_rewards else None
+    # chunk by chunk only through the default sample hook (wrappers may observe it): a plugin's
+    # own sample hook returns one batch
+    # and when no reward needs whole groups (a win rate among the group)
+    samplers = [i for i in hook.polyrl_sample.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+    chunked = (reward_pool is not None and len(samplers) == 1
+               and not any(getattr(fn, "scores_groups", False) for _, _, fn in trainer.rewards))
     try:
         with trainer._signals_defer():
             for it in range(trainer.completed + 1, run.iterations + 1):
@@ -338,13 +345,17 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 trainer.phase = "sample"
                 t0 = time.perf_counter()
                 batches: list[Rollout] = []
-                pending = []  # rewards of earlier batches, computing while the next batch samples
+                pending = []  # rewards of earlier chunks and batches, computing while the next one samples
                 size = len(contexts) // run.sample_batches
                 for k in range(run.sample_batches):
                     trainer.sample_batch = k
+                    if chunked:  # the default sample hook reports each chunk as soon as it is ready
+                        trainer.on_sample_chunk = lambda chunk: pending.append(
+                            reward_pool.submit(hook.polyrl_reward, trainer=trainer, rollout=chunk))
                     batch = hook.polyrl_sample(trainer=trainer, contexts=contexts[k * size : (k + 1) * size])
+                    trainer.on_sample_chunk = None
                     batches.append(batch)
-                    if reward_pool is not None:
+                    if reward_pool is not None and not chunked:
                         pending.append(reward_pool.submit(hook.polyrl_reward, trainer=trainer, rollout=batch))
 
                 trainer.phase = "reward"
@@ -354,6 +365,10 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 else:
                     scored = [hook.polyrl_reward(trainer=trainer, rollout=b) for b in batches]
                 rollout, rewards = Rollout.cat(batches), RewardOutput.cat(scored)
+                if rewards.components:  # each reward's per-sample score [B, K], for updates that
+                    # normalise rewards separately (GRPO's multi_objective_aggregation)
+                    rollout.outputs["reward_components"] = torch.stack(
+                        [v.sum(1) if v.dim() == 2 else v for v in rewards.components.values()], dim=1)
 
                 trainer.phase = "update"
                 t2 = time.perf_counter()

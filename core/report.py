@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from . import atomic
+from .scoring import score
 from .types import Context
 
 N_REPORT_SAMPLES = 8
@@ -67,12 +68,11 @@ def record_samples(trainer: Any, tag: int) -> None:
     modes = [(m, m.training) for m in trainer.policy.modules()]
     trainer.policy.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), trainer.accelerator.autocast():
             rollout = trainer.sampler.sample(trainer.policy, contexts, g)
-            scores = {}
-            for name, _, fn in trainer.rewards:
-                value = torch.as_tensor(fn(rollout)).float().cpu()
-                scores[name] = (value.sum(1) if value.dim() == 2 else value).tolist()  # per-step: episode return
+        scored = score(trainer.rewards, rollout)  # the same scoring path as training
+        # per-step rewards: the episode return
+        scores = {name: (v.sum(1) if v.dim() == 2 else v).tolist() for name, v in scored.components.items()}
     finally:
         for m, mode in modes:
             m.training = mode
@@ -382,11 +382,6 @@ def _plot_metrics(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], dic
     _plot(ax, its, total, total_label, colours[0], window)
     for i, k in enumerate(extra, 1):
         _plot(ax, its, _series(rows, k), k.split("/", 1)[1], colours[i % len(colours)], window)
-    held_out = [k for k in ("eval/reward_mean",) if any(k in r for r in rows)]
-    for k in held_out:  # the held-out evaluation, on the iterations it ran
-        pts = [(i, v) for i, v in zip(its, _series(rows, k)) if math.isfinite(v)]
-        ax.plot([i for i, _ in pts], [v for _, v in pts], color="black", linestyle="--", marker="o", markersize=4,
-                linewidth=1.5, label="held-out prompts")
     ax.set_xlabel("iteration")
     ax.set_ylabel("mean reward per sample")
     ax.set_title("reward")
@@ -395,6 +390,25 @@ def _plot_metrics(rows: list[dict[str, Any]], out: Path) -> tuple[list[str], dic
     fig.tight_layout()
     _save_fig(fig, out / "reward.png")
     files.append("reward.png")
+
+    held_out = sorted({k for r in rows for k in r if k.startswith("eval/") and k != "eval/reward_mean"})
+    if held_out:  # trained reward next to the rewards the update never saw: reward hacking shows here
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), sharex=True)
+        _plot(left, its, total, total_label, colours[0], window)
+        left.set_title("trained reward (training prompts)")
+        left.set_ylabel("mean reward per sample")
+        for i, k in enumerate(held_out):
+            pts = [(it, v) for it, v in zip(its, _series(rows, k)) if math.isfinite(v)]
+            right.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[(i + 1) % len(colours)],
+                       linestyle="--", marker="o", markersize=4, linewidth=1.5, label=k.split("/", 1)[1])
+        right.set_title("held-out evaluation (rewards the update never sees)")
+        for ax_ in (left, right):
+            ax_.set_xlabel("iteration")
+            ax_.grid(alpha=0.3)
+            ax_.legend(loc="best")
+        fig.tight_layout()
+        _save_fig(fig, out / "heldout.png")
+        files.append("heldout.png")
 
     panels, constant = metric_panels(rows)
     if panels:

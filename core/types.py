@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -283,6 +283,13 @@ class Sampler:
     def sample(self, policy: Policy, contexts: list[Context], generator: torch.Generator) -> Rollout:  # pragma: no cover
         raise NotImplementedError
 
+    def sample_chunks(self, policy: Policy, contexts: list[Context], generator: torch.Generator) -> Iterator[Rollout]:
+        """The same samples as :meth:`sample`, yielded in chunks as soon as each is ready, whose
+        concatenation (:meth:`Rollout.cat`) equals ``sample``'s rollout. With ``run.async_rewards``
+        the loop scores each chunk in the background while the next one samples. Default: one
+        chunk, the whole ``sample``. Samplers that work in batches (``ddim``, ``lcm``) override it."""
+        yield self.sample(policy, contexts, generator)
+
     def setup(self, trainer: Any) -> None:
         """Called by the loop before the first iteration (after a resume's restore). Default: nothing."""
 
@@ -305,6 +312,9 @@ class Reward:
     """
 
     reads: str = "any"
+    scores_groups: bool = False
+    """True when a sample's reward depends on the other samples of its group (a win rate among the
+    group): such a reward always sees whole sampling batches, never chunks of them."""
 
     def __call__(self, rollout: Rollout) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -129,6 +129,8 @@ class PairwiseWinRate(Reward):
     Built from its config (the wrapped reward is built through the reward registry, on the policy's
     device), or around an already built reward: ``PairwiseWinRate(cfg, inner=reward)``."""
 
+    scores_groups = True  # a sample's win rate depends on its group: scored on whole batches
+
     def __init__(self, cfg: PairwiseWinRateConfig, policy: Any = None, inner: Reward | None = None) -> None:
         self.cfg = cfg
         if inner is None:

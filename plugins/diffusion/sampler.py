@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Iterator
+
 import torch
 
 from polyrl import ConfigError, Context, Rollout, Sampler
@@ -58,6 +60,11 @@ class DDIMSampler(Sampler):
 
     @torch.no_grad()
     def sample(self, policy, contexts: list[Context], generator: torch.Generator) -> Rollout:
+        """All of :meth:`sample_chunks`, concatenated."""
+        return Rollout.cat(list(self.sample_chunks(policy, contexts, generator)))
+
+    @torch.no_grad()
+    def sample_chunks(self, policy, contexts: list[Context], generator: torch.Generator) -> Iterator[Rollout]:
         """Denoise ``B = len(contexts)`` latents and decode them.
 
         All random numbers come from ``generator``, drawn on its device (a CPU generator gives
@@ -71,7 +78,9 @@ class DDIMSampler(Sampler):
             ``[B, L, D]``;
             ``outputs["images"]`` ``[B, 3, H, W]`` float in ``[0, 1]``;
             ``meta`` = ``{"eta", "guidance_scale", "num_steps"}``.
-        All tensors live on the policy's device.
+        All tensors live on the policy's device. Yields one rollout per ``batch_size`` samples as
+        soon as it is decoded (their concatenation is the whole batch's rollout), so that rewards
+        can score a chunk while the next one samples.
         """
         if not hasattr(policy, "predict_noise"):
             raise TypeError(f"the ddim sampler needs a diffusion policy, got {type(policy).__name__}")
@@ -88,7 +97,6 @@ class DDIMSampler(Sampler):
         init = torch.randn((b, c, h, w), generator=generator, device=gen_device) * scheduler.init_noise_sigma
         noise = torch.randn((b, n_steps, c, h, w), generator=generator, device=gen_device)
 
-        latents, next_latents, log_probs, images, pos_all, neg_all = [], [], [], [], [], []
         negative = policy.encode_prompts([cfg.negative_prompt])  # [1, L, D]
         for s in range(0, b, cfg.batch_size):
             e = min(s + cfg.batch_size, b)
@@ -104,25 +112,18 @@ class DDIMSampler(Sampler):
                 after.append(x_next)
                 lps.append(lp)
                 x = x_next
-            latents.append(torch.stack(before, dim=1))
-            next_latents.append(torch.stack(after, dim=1))
-            log_probs.append(torch.stack(lps, dim=1))
-            images.append(policy.decode(x))
-            pos_all.append(pos)
-            neg_all.append(neg)
-
-        log_probs_t = torch.cat(log_probs)
-        return Rollout(
-            contexts=list(contexts),
-            log_probs=log_probs_t,
-            mask=torch.ones_like(log_probs_t, dtype=torch.bool),
-            data={
-                "latents": torch.cat(latents),
-                "next_latents": torch.cat(next_latents),
-                "timesteps": timesteps.expand(b, n_steps).clone(),
-                "prompt_embeds": torch.cat(pos_all),
-                "negative_prompt_embeds": torch.cat(neg_all).contiguous(),
-            },
-            outputs={"images": torch.cat(images)},
-            meta={"eta": cfg.eta, "guidance_scale": cfg.guidance_scale, "num_steps": n_steps},
-        )
+            log_probs = torch.stack(lps, dim=1)
+            yield Rollout(
+                contexts=list(contexts[s:e]),
+                log_probs=log_probs,
+                mask=torch.ones_like(log_probs, dtype=torch.bool),
+                data={
+                    "latents": torch.stack(before, dim=1),
+                    "next_latents": torch.stack(after, dim=1),
+                    "timesteps": timesteps.expand(e - s, n_steps).clone(),
+                    "prompt_embeds": pos,
+                    "negative_prompt_embeds": neg.contiguous(),
+                },
+                outputs={"images": policy.decode(x)},
+                meta={"eta": cfg.eta, "guidance_scale": cfg.guidance_scale, "num_steps": n_steps},
+            )

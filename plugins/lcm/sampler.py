@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Iterator
+
 import torch
 
 from polyrl import ConfigError, Context, Rollout, Sampler
@@ -78,6 +80,11 @@ class LCMSampler(Sampler):
 
     @torch.no_grad()
     def sample(self, policy, contexts: list[Context], generator: torch.Generator) -> Rollout:
+        """All of :meth:`sample_chunks`, concatenated."""
+        return Rollout.cat(list(self.sample_chunks(policy, contexts, generator)))
+
+    @torch.no_grad()
+    def sample_chunks(self, policy, contexts: list[Context], generator: torch.Generator) -> Iterator[Rollout]:
         """Run ``T`` consistency steps on ``B = len(contexts)`` latents and decode the last ``f``.
 
         Random numbers come from ``generator`` on its device (a CPU generator gives the same
@@ -92,7 +99,9 @@ class LCMSampler(Sampler):
             ``outputs["images"]`` ``[B, 3, H, W]`` float in ``[0, 1]``, decoded from the last
             step's consistency output;
             ``meta`` = ``{"guidance_scale", "num_steps"}``.
-        All tensors live on the policy's device.
+        All tensors live on the policy's device. Yields one rollout per ``batch_size`` samples as
+        soon as it is decoded (their concatenation is the whole batch's rollout), so that rewards
+        can score a chunk while the next one samples.
         """
         if not hasattr(policy, "guidance_cond"):
             raise TypeError(f"the lcm sampler needs an LCM policy, got {type(policy).__name__}")
@@ -107,7 +116,6 @@ class LCMSampler(Sampler):
         init = torch.randn((b, c, h, w), generator=generator, device=gen_device) * policy.scheduler.init_noise_sigma
         noise = torch.randn((b, n, c, h, w), generator=generator, device=gen_device)
 
-        latents, next_latents, log_probs, images, embeds = [], [], [], [], []
         for s in range(0, b, cfg.batch_size):
             e = min(s + cfg.batch_size, b)
             emb = policy.encode_prompts(prompts[s:e])
@@ -123,24 +131,18 @@ class LCMSampler(Sampler):
                 after.append(x_next)
                 lps.append(lp)
                 x = x_next
-            latents.append(torch.stack(before, dim=1))
-            next_latents.append(torch.stack(after, dim=1))
-            log_probs.append(torch.stack(lps, dim=1))
-            images.append(policy.decode(denoised))
-            embeds.append(emb)
-
-        log_probs_t = torch.cat(log_probs)
-        return Rollout(
-            contexts=list(contexts),
-            log_probs=log_probs_t,
-            mask=torch.ones_like(log_probs_t, dtype=torch.bool),
-            data={
-                "latents": torch.cat(latents),
-                "next_latents": torch.cat(next_latents),
-                "timesteps": ts.expand(b, n).clone(),
-                "next_timesteps": ts_next.expand(b, n).clone(),
-                "prompt_embeds": torch.cat(embeds),
-            },
-            outputs={"images": torch.cat(images)},
-            meta={"guidance_scale": cfg.guidance_scale, "num_steps": n},
-        )
+            log_probs = torch.stack(lps, dim=1)
+            yield Rollout(
+                contexts=list(contexts[s:e]),
+                log_probs=log_probs,
+                mask=torch.ones_like(log_probs, dtype=torch.bool),
+                data={
+                    "latents": torch.stack(before, dim=1),
+                    "next_latents": torch.stack(after, dim=1),
+                    "timesteps": ts.expand(e - s, n).clone(),
+                    "next_timesteps": ts_next.expand(e - s, n).clone(),
+                    "prompt_embeds": emb,
+                },
+                outputs={"images": policy.decode(denoised)},
+                meta={"guidance_scale": cfg.guidance_scale, "num_steps": n},
+            )
