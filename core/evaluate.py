@@ -33,6 +33,7 @@ from . import atomic
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from .config import PromptsConfig, load_yaml
 from .host import Host
+from .scoring import score
 from .prompts import PromptSource
 from .report import captioned_grid, diversity
 from .types import ConfigError, Context, Rollout
@@ -49,8 +50,8 @@ def _score(policy, sampler, rewards, contexts: list[Context], seed: int, batch: 
         for k in range(0, len(contexts), batch):
             g = torch.Generator().manual_seed(seed * 1_000_003 + k)
             rollout = sampler.sample(policy, contexts[k : k + batch], g)
-            for name, _, fn in rewards:
-                value = torch.as_tensor(fn(rollout), dtype=torch.float32).cpu()
+            scored = score(rewards, rollout)  # the same scoring path as training
+            for name, value in scored.components.items():
                 scores[name].extend((value.sum(1) if value.dim() == 2 else value).tolist())
             rollouts.append(rollout)
     return scores, rollouts
