@@ -88,6 +88,13 @@ class RunSettings:
     """Also record fixed-seed samples for the report every this many iterations (0: first and last)."""
     progress: bool = True
     """Show a progress bar (main process only)."""
+    update_snapshot: Literal["auto", "memory", "none"] = "auto"
+    """How a failure during the update keeps the run resumable. ``memory``: copy the trainable
+    weights and the optimizer and update states before each update (about 3x the trainable
+    weights), so that any failure saves the state before it. ``none``: no copy; a failure before
+    the update's first optimizer step still saves that state, a later one leaves the newest
+    periodic checkpoint (``save_every``). ``auto``: ``memory`` up to 50 M trainable parameters
+    (adapters, small models), ``none`` above (full fine-tunes of large models)."""
     log_with: list[str] | str = field(default_factory=list)
     """Experiment trackers that receive every iteration's metrics and the report's fixed-seed
     samples: any of ``tensorboard`` (event files under ``RUN_DIR/logs/``), ``wandb`` (offline with

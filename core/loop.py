@@ -43,6 +43,8 @@ from .types import ConfigError, Policy, RewardOutput, Rollout
 #: The signals that ask a run to stop: the first one finishes the iteration, saves and stops; a
 #: second one stops at once (the checkpoint of the last completed iteration is still written).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: ``run.update_snapshot: auto`` copies the state before each update up to this many trainable parameters
+SNAPSHOT_AUTO_MAX = 50_000_000
 
 
 def derive_seed(*parts: Any) -> int:
@@ -110,9 +112,14 @@ class Trainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opt.lr_factor(run.iterations))
+        n_trainable = sum(p.numel() for p in params)
+        #: copy the state before each update (see ``run.update_snapshot``)
+        self.snapshot_updates = run.update_snapshot == "memory" or (
+            run.update_snapshot == "auto" and n_trainable <= SNAPSHOT_AUTO_MAX)
         self.phase = "setup"
         self._stop_requested = False
         self.on_sample_chunk: Any = None  # set by the loop while a batch samples (async rewards)
+        self.optimizer_steps = 0  # optimizer steps taken in this process (a failed update: did it step?)
         self._stop_signal: int | None = None
         self._saving = False
 
@@ -152,6 +159,7 @@ class Trainer:
                 f"optimizer.max_grad_norm, then continue with --resume"
             )
         self.optimizer.step()
+        self.optimizer_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return value
 
@@ -325,6 +333,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
     bar = tqdm(total=run.iterations, initial=trainer.completed, desc="polyrl", unit="it",
                disable=not (run.progress and acc.is_main_process), dynamic_ncols=True)
     snapshot: dict[str, Any] | None = None
+    in_update, steps_before = False, 0  # the update (and learned rewards) may have changed the state
     reward_pool = ThreadPoolExecutor(1, thread_name_prefix="polyrl-reward") if run.async_rewards else None
     # chunk by chunk only through the default sample hook (wrappers may observe it): a plugin's
     # own sample hook returns one batch
@@ -372,7 +381,8 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
 
                 trainer.phase = "update"
                 t2 = time.perf_counter()
-                snapshot = trainer._state()  # restored if the update fails half-way
+                in_update, steps_before = True, trainer.optimizer_steps
+                snapshot = trainer._state() if trainer.snapshot_updates else None  # restored if the update fails
                 stats = dict(hook.polyrl_update(trainer=trainer, rollout=rollout, rewards=rewards.total) or {})
                 lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this iteration used
                 trainer.scheduler.step()
@@ -383,7 +393,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 t4 = time.perf_counter()
                 trainer.phase = "log"
                 trainer.completed = it
-                snapshot = None
+                snapshot, in_update = None, False
 
                 all_rewards = acc.gather(rewards.per_sample.to(acc.device)).cpu()
                 per_sample = lambda v: v.sum(1) if v.dim() == 2 else v  # noqa: E731
@@ -433,12 +443,13 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
         if trainer.completed > 0 and trainer.phase != "setup":
             if snapshot is not None:  # the update had begun: go back to the state before it
                 trainer._restore(snapshot)
+            # without a snapshot, memory holds the state before the update only if it had not stepped
+            consistent = snapshot is not None or not in_update or trainer.optimizer_steps == steps_before
             saved = latest_checkpoint(trainer.run_dir) == _ckpt(trainer, trainer.completed)
             # no second attempt into the failure that stopped the run: a full disk, or non-finite
-            # weights that the update left (a non-finite gradient is caught before the step, and the
-            # snapshot holds the state before the update)
-            retry = not saved and not isinstance(error, atomic.DiskFullError) and not (
-                isinstance(error, NonFiniteError) and snapshot is None
+            # weights outside the update (a non-finite gradient is caught before its step)
+            retry = consistent and not saved and not isinstance(error, atomic.DiskFullError) and not (
+                isinstance(error, NonFiniteError) and not in_update
             )
             if retry:
                 try:
@@ -451,6 +462,9 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 newest = latest_checkpoint(trainer.run_dir)
                 what = (f"checkpoint of iteration {trainer.completed} saved" if saved else
                         f"newest checkpoint: {newest.name}" if newest is not None else "no checkpoint was written")
+                if not consistent:
+                    what += (" (the update had already changed the weights and run.update_snapshot kept no copy "
+                             "of the state before it)")
                 tqdm.write(
                     f"polyrl: stopped during iteration {trainer.iteration} ({_reason(error)}); {what}"
                     + (f"; continue with `polyrl train --resume {trainer.run_dir}`" if newest is not None else ""),

@@ -469,3 +469,52 @@ def test_sigterm_to_a_two_process_launch_saves_and_resumes(tmp_path):
     assert latest_checkpoint(run) is not None and latest_checkpoint(run).name == f"iter_{done:06d}", err[-3000:]
     assert err.count("SIGTERM received") == 2, err[-3000:]  # both ranks asked to stop
     load_checkpoint(latest_checkpoint(run))
+
+
+# ---------------------------------------------------------------------------------- update snapshots
+class CrashInUpdateAt:
+    """Raises in ``iteration``'s update, before it begins or after its optimizer steps."""
+
+    def __init__(self, iteration: int, after_step: bool) -> None:
+        self.iteration, self.after_step = iteration, after_step
+
+    @hookimpl(wrapper=True)
+    def polyrl_update(self, trainer, rollout, rewards):
+        if trainer.iteration == self.iteration and not self.after_step:
+            raise RuntimeError("simulated failure before the first optimizer step")
+        result = yield
+        if trainer.iteration == self.iteration:
+            raise RuntimeError("simulated failure after the optimizer steps")
+        return result
+
+
+@pytest.mark.parametrize("snapshot, after_step, expected", [
+    ("memory", True, "iter_000002"),   # the copy before the update is saved
+    ("none", False, "iter_000002"),    # no step taken yet: memory still holds the state before the update
+    ("none", True, None),              # stepped, no copy: only periodic checkpoints (none with save_every 100)
+])
+def test_update_snapshot_policies(tmp_path, uninterrupted, snapshot, after_step, expected):
+    run = tmp_path / "run"
+    host = Host()
+    host.register(CrashInUpdateAt(3, after_step), "crash")
+    data = config(run, save_every=100, update_snapshot=snapshot)
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(RuntimeError, match="simulated failure"):
+        train(host.build_config(data), host)
+    newest = latest_checkpoint(run)
+    assert (newest.name if newest else None) == expected
+    if expected is None:
+        assert "kept no copy of the state before it" in err.getvalue()
+    else:
+        host = Host()
+        train(host.build_config(data), host, resume=True)
+        assert metrics(run) == metrics(uninterrupted) and same_weights(run, uninterrupted)
+
+
+def test_auto_snapshot_copies_adapters_only(tmp_path):
+    from polyrl.loop import SNAPSHOT_AUTO_MAX, Trainer
+
+    host = Host()
+    trainer = Trainer(host.build_config(config(tmp_path / "run")), host)
+    assert trainer.snapshot_updates  # a LoRA adapter: far below the limit
+    assert SNAPSHOT_AUTO_MAX == 50_000_000
