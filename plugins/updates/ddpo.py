@@ -49,6 +49,10 @@ class DDPOConfig:
     """Rewards remembered per prompt."""
     tracker_min_count: int = 16
     """Below this many rewards for a prompt, the batch statistics are used."""
+    steps_per_call: int = 1
+    """Denoising steps of a micro-batch whose log-probs one model call computes (all ``b * k`` steps
+    as one batch). The gradient is the per-step form's; larger is faster and needs more memory (the
+    activations of ``k`` steps at once). 1: one call per step, as DDPO's reference code."""
     kl_coef: float = 0.0
     """Weight of a k3 KL penalty to the reference policy on each trained step (0: none, DDPO's own
     objective; > 0 needs a LoRA policy, whose reference is the base model)."""
@@ -62,6 +66,8 @@ class DDPOConfig:
             raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
         if self.clip_range <= 0:
             raise ConfigError(f"update.clip_range must be > 0, got {self.clip_range}")
+        if self.steps_per_call < 1:
+            raise ConfigError(f"update.steps_per_call must be >= 1, got {self.steps_per_call}")
         if self.kl_coef < 0:
             raise ConfigError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
 
@@ -128,29 +134,31 @@ class DDPO(Update):
             perm = torch.randperm(b, generator=g)
             order = torch.stack([torch.randperm(t, generator=g) for _ in range(b)])  # [B, T] per-sample shuffle
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
-                n_micro = len(window) * t_train
-                k = 0
-                for idx in window:
+                n_micro = len(window) * t_train  # one loss term per (micro-batch, step), as in the reference
+                calls = [(idx, j, min(cfg.steps_per_call, t_train - j))
+                         for idx in window for j in range(0, t_train, cfg.steps_per_call)]
+                for c, (idx, j, k) in enumerate(calls):
                     mb = rollout.select(idx)
                     mb_adv = adv[idx.to(device)]
-                    for j in range(t_train):
-                        k += 1
-                        cols = order[idx, j : j + 1].to(device)  # [b, 1]
-                        with trainer.no_sync(sync=k == n_micro):
-                            logp = trainer.model(mb, cols)[:, 0]
-                            valid = mb.mask.gather(1, cols)[:, 0]
-                            loss, step_stats = ddpo_loss(
-                                logp, mb.log_probs.gather(1, cols)[:, 0], mb_adv, cfg.clip_range, valid,
-                            )
-                            if cfg.kl_coef > 0:
-                                ref = trainer.policy.reference_log_probs(mb, cols)[:, 0].to(logp.device)
-                                kl = k3_kl(logp, ref, valid)
+                    cols = order[idx, j : j + k].to(device)  # [b, k]: each sample's next k shuffled steps
+                    with trainer.no_sync(sync=c == len(calls) - 1):
+                        logps = trainer.model(mb, cols)  # [b, k] in one model call
+                        olds, valids = mb.log_probs.gather(1, cols), mb.mask.gather(1, cols)
+                        refs = (trainer.policy.reference_log_probs(mb, cols).to(logps.device)
+                                if cfg.kl_coef > 0 else None)
+                        total = 0.0
+                        for col in range(k):  # each step's loss as with one call per step
+                            loss, step_stats = ddpo_loss(logps[:, col], olds[:, col], mb_adv, cfg.clip_range,
+                                                         valids[:, col])
+                            if refs is not None:
+                                kl = k3_kl(logps[:, col], refs[:, col], valids[:, col])
                                 loss = loss + cfg.kl_coef * kl
                                 step_stats["kl_ref"] = kl.item()
-                            trainer.backward(loss / n_micro)
-                        stats["loss"].append(loss.item())
-                        for key, value in step_stats.items():
-                            stats[key].append(value)
+                            total = total + loss
+                            stats["loss"].append(loss.item())
+                            for key, value in step_stats.items():
+                                stats[key].append(value)
+                        trainer.backward(total / n_micro)
                 stats["grad_norm"].append(trainer.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["advantage_abs_mean"] = adv.abs().mean().item()
