@@ -9,12 +9,14 @@ returns the fraction of the caption's attributes that hold (0, 1/3, 2/3 or 1).
 The detector, on an image ``[3, H, W]`` in ``[0, 1]``:
 
 1. **Foreground**: pixels whose colour differs from the median colour of the 2-pixel border by
-   more than ``threshold`` (0.25) in some channel. Fewer than ``min_pixels`` foreground pixels:
-   nothing was drawn, no attribute holds.
-2. **Colour**: the mean foreground colour's nearest palette colour (Euclidean, RGB).
-3. **Position**: the foreground centroid's nearest of the five anchor points (left, right, top,
+   more than ``threshold`` (0.25) in some channel; **the object** is its largest 8-connected
+   component (stray specks, which a sampler's leftover noise can leave, are not objects, as an
+   object detector would not report them). Fewer than ``min_pixels`` pixels in it: nothing was
+   drawn, no attribute holds.
+2. **Colour**: the object's mean colour's nearest palette colour (Euclidean, RGB).
+3. **Position**: the object's centroid's nearest of the five anchor points (left, right, top,
    bottom, center; scaled to the image size).
-4. **Shape**, from two scale-free measures of the foreground mask (taken as the union of its
+4. **Shape**, from two scale-free measures of the object's mask (taken as the union of its
    pixel squares): *solidity* = area / convex-hull area, and *roundness* = area / (π r²) with
    ``r`` the largest distance from the centroid to a foreground pixel corner. A five-pointed star
    is the only concave shape (solidity ≈ 0.62 against ≥ 0.9 for the others); among the convex
@@ -63,6 +65,31 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
             f"{list(COLOURS)}, shape in {list(SHAPES)}, position in {list(PHRASES)}"
         )
     return m["colour"].lower(), m["shape"].lower(), PHRASES[m["position"].lower()]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean ``[H, W]`` mask (all False when empty)."""
+    h, w = mask.shape
+    label = np.zeros((h, w), dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if label[y0, x0]:
+            continue
+        current += 1
+        label[y0, x0] = current
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    ny, nx = y + dy, x + dx
+                    if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not label[ny, nx]:
+                        label[ny, nx] = current
+                        stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return label == best if best else np.zeros_like(mask)
 
 
 def _turn(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -143,13 +170,13 @@ def detect(image: torch.Tensor, config: ShapeMatchConfig | None = None) -> dict[
     border = torch.cat([img[:, :2].flatten(1), img[:, -2:].flatten(1), img[:, :, :2].flatten(1),
                         img[:, :, -2:].flatten(1)], 1)
     bg = border.median(dim=1).values.view(3, 1, 1)
-    fg = ((img - bg).abs().amax(0) > cfg.threshold).numpy()
+    fg = largest_component(((img - bg).abs().amax(0) > cfg.threshold).numpy())
     scale = w / WORLD_SIZE
     none = {"colour": None, "shape": None, "position": None, "solidity": float("nan"), "roundness": float("nan")}
     if fg.sum() < cfg.min_pixels * scale * scale:
         return none
     ys, xs = np.nonzero(fg)
-    mean = img[:, fg].mean(1)
+    mean = img[:, torch.from_numpy(fg)].mean(1)
     palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
     colour = list(COLOURS)[int((palette - mean).norm(dim=1).argmin())]
     cx, cy = xs.mean() + 0.5, ys.mean() + 0.5  # pixel centres

@@ -64,6 +64,14 @@ def test_blank_image_matches_nothing_and_one_wrong_attribute_costs_a_third(rende
     assert shape_match_scores(images[:1], [f"a {other} {shape} {phrase}"]).item() == pytest.approx(2 / 3)
 
 
+def test_stray_specks_are_not_the_object(renders):
+    images, captions, _ = renders
+    specked = images[:6].clone()
+    specked[:, :, 1:3, 60:62] = torch.tensor([0.1, 0.1, 0.1]).view(1, 3, 1, 1)  # a dark 2x2 speck in a corner
+    specked[:, :, 55:56, 3:4] = torch.tensor([0.9, 0.1, 0.1]).view(1, 3, 1, 1)  # a red pixel
+    assert torch.equal(shape_match_scores(specked, captions[:6]), torch.ones(6))
+
+
 def test_reward_component_on_a_rollout_and_a_subset_of_attributes(renders):
     images, captions, _ = renders
     ctx = [Context(prompt=c) for c in captions[:4]]
