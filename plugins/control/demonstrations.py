@@ -80,7 +80,8 @@ def _check_headers(p: Path, path: str) -> None:
                     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                     shape, _, dtype = read(f, max_header_size=10_000)  # the header only
                 if dtype.hasobject:
-                    raise _fail(path, f"{m.filename[:-4]!r} is an object array; save plain numeric arrays with numpy.savez")
+                    raise _fail(path, f"{m.filename[:-4]!r} is an object array and cannot be read without pickle; "
+                                      "save plain numeric arrays with numpy.savez")
                 total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
                 if total > MAX_BYTES:
                     raise _fail(path, f"its arrays would take {total / 2**30:.1f} GiB once read; at most "
