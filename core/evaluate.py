@@ -144,8 +144,8 @@ def evaluate(run_dir: str | Path, samples: int = 32, seed: int = 0, iteration: i
         outputs[stage] = scores, rollouts
         result[stage] = _summary(scores, weights)
         texts = _texts(rollouts)
-        if texts:
-            result[stage].update(diversity(texts))
+        if texts:  # distinct-n of each policy's samples, beside the reward summaries
+            result.setdefault("diversity", {})[stage] = diversity(texts)
         _save_samples(out / stage, contexts, rollouts, scores)
     trained_rollouts = outputs["trained"][1]
     trained_lp = _sequence_log_probs(policy, trained_rollouts)
@@ -249,6 +249,10 @@ def _page(result: dict[str, Any], contexts: list[Context], outputs: dict[str, tu
             else:
                 cells.append(f"<td class='num'>{v:.4f}</td>")
         parts.append(f"<tr><td>{html.escape(k)}</td>{''.join(cells)}</tr>")
+    for k in result.get("diversity", {}).get("trained", {}):
+        cells = "".join(f"<td class='num'>{result['diversity'][s].get(k, float('nan')):.4f}</td>" for s in stages
+                        if s in result["diversity"])
+        parts.append(f"<tr><td>{html.escape(k)}</td>{cells}</tr>")
     parts.append("</table><p>kl_to_base: KL(trained ‖ base) of whole samples, estimated on the trained policy's "
                  "samples (± standard error).</p>")
     if "base" in outputs:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from . import atomic, trackers
 from .checkpoint import latest_checkpoint, leftover_tmp, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
+from .context import UpdateContext
 from .errors import NonFiniteError, PolyrlError, RunStopped
 from .heldout import HeldOut
 from .host import Host
@@ -112,6 +113,7 @@ class Trainer:
         )
         self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opt.lr_factor(run.iterations))
+        self._trainable = params
         n_trainable = sum(p.numel() for p in params)
         #: copy the state before each update (see ``run.update_snapshot``)
         self.snapshot_updates = run.update_snapshot == "memory" or (
@@ -119,11 +121,19 @@ class Trainer:
         self.phase = "setup"
         self._stop_requested = False
         self.on_sample_chunk: Any = None  # set by the loop while a batch samples (async rewards)
+        self._update_context: UpdateContext | None = None  # the iteration's, built by the loop
         self.optimizer_steps = 0  # optimizer steps taken in this process (a failed update: did it step?)
         self._stop_signal: int | None = None
         self._saving = False
 
     # ------------------------------------------------------------------ helpers for updates
+    def update_context(self) -> UpdateContext:
+        """What the update sees of the run in the iteration in progress (built once per iteration)."""
+        ctx = self._update_context
+        if ctx is None or ctx.iteration != self.iteration:
+            ctx = self._update_context = UpdateContext.from_trainer(self)
+        return ctx
+
     def generator(self, purpose: str) -> torch.Generator:
         """A CPU generator seeded from (seed, iteration, process, purpose)."""
         seed = derive_seed(self.config.run.seed, self.iteration, self.accelerator.process_index, purpose)
@@ -143,7 +153,7 @@ class Trainer:
         A non-finite gradient norm (a NaN or infinite loss, or an overflow) raises
         :class:`NonFiniteError` before the step, so the weights stay finite; the loop then stops with
         the checkpoint of the last completed iteration."""
-        params = self.policy.trainable_parameters()
+        params = self._trainable  # the list is built once, not at every step
         max_norm = self.config.optimizer.max_grad_norm
         if max_norm > 0:
             norm = self.accelerator.clip_grad_norm_(params, max_norm)
@@ -383,6 +393,7 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 t2 = time.perf_counter()
                 in_update, steps_before = True, trainer.optimizer_steps
                 snapshot = trainer._state() if trainer.snapshot_updates else None  # restored if the update fails
+                trainer._update_context = UpdateContext.from_trainer(trainer)  # what the update step sees
                 stats = dict(hook.polyrl_update(trainer=trainer, rollout=rollout, rewards=rewards.total) or {})
                 lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this iteration used
                 trainer.scheduler.step()

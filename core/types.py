@@ -248,8 +248,9 @@ class Policy(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items() if k in names}
+        """CPU copies of the trainable parameters, by name (the frozen model's ``state_dict`` is
+        never built)."""
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         expected = set(self.trainable_state_dict())

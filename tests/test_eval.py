@@ -75,7 +75,7 @@ def test_held_out_prompts_kl_and_distinct_n(tmp_path, runs):
     assert [r["prompt"] for r in rows] == HELD_OUT * 2  # the held-out prompts, in order, cycled
     for stage in ("base", "trained"):
         for n in (1, 2, 3):
-            assert 0 < result[stage][f"distinct-{n}"] <= 1
+            assert 0 < result["diversity"][stage][f"distinct-{n}"] <= 1
     # the trained policy moved away from the base one: a positive KL, well above its standard error
     kl, se = result["trained"]["kl_to_base"], result["trained"]["kl_to_base_stderr"]
     assert kl > 0 and kl > 2 * se, (kl, se)
