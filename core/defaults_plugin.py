@@ -36,4 +36,5 @@ def polyrl_reward(trainer, rollout):
 
 @hookimpl(trylast=True)
 def polyrl_update(trainer, rollout, rewards):
-    return trainer.update.step(trainer, rollout, rewards)
+    # the update sees the iteration's UpdateContext, not the whole trainer
+    return trainer.update.step(trainer.update_context(), rollout, rewards)

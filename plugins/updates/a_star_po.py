@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Context, Rollout, Update
 
 from .common import check_batching, sequence_rewards, windows
@@ -86,27 +87,28 @@ class AStarPO(Update):
 
     # -------------------------------------------------------------------------- stage 1
     @torch.no_grad()
-    def setup(self, trainer) -> None:
-        """Estimate ``V*`` for every prompt (unless restored from a checkpoint)."""
-        prompts = list(dict.fromkeys(p for p, _ in trainer.prompts.rows))
+    def setup(self, ctx: UpdateContext) -> None:
+        """Estimate ``V*`` for every prompt (unless restored from a checkpoint). ``ctx``: the
+        update's context, or the loop's trainer (whose context is used)."""
+        ctx = UpdateContext.of(ctx)
+        prompts = list(dict.fromkeys(p for p, _ in ctx.prompt_rows))
         if all(p in self.v_star for p in prompts):
             return
-        if trainer.completed > 0:
+        if ctx.completed > 0:
             raise ConfigError("a_star_po: the checkpoint holds no V* for some prompts; start a new run")
         from accelerate.utils import gather_object
 
-        acc = trainer.accelerator
-        extras = {p: e for p, e in trainer.prompts.rows}
+        acc = ctx.accelerator
+        extras = {p: e for p, e in ctx.prompt_rows}
         mine = prompts[acc.process_index :: acc.num_processes]
         n = self.cfg.num_reference_samples
         contexts = [Context(prompt=p, group=i, extra=dict(extras[p])) for i, p in enumerate(mine) for _ in range(n)]
-        hook = trainer.host.pm.hook
         scores: dict[str, list[float]] = {}
         step = max(n, self.cfg.reference_batch_size // n * n)  # whole groups per batch
         for k in range(0, len(contexts), step):
             batch = contexts[k : k + step]
-            rollout = trainer.sampler.sample(trainer.policy, batch, trainer.generator(f"a_star_po/v_star/{k}"))
-            rewards = hook.polyrl_reward(trainer=trainer, rollout=rollout).per_sample
+            _, scored = ctx.sample_and_score(batch, f"a_star_po/v_star/{k}")
+            rewards = scored.per_sample
             for c, r in zip(batch, rewards.tolist()):
                 scores.setdefault(c.prompt, []).append(r)
         local = {p: optimal_value(torch.tensor(v), self.cfg.beta1) for p, v in scores.items()}
@@ -117,32 +119,33 @@ class AStarPO(Update):
             self.v_star.update(local)
 
     # -------------------------------------------------------------------------- stage 2
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
-        device = trainer.accelerator.device
+        device = ctx.accelerator.device
         missing = [c.prompt for c in rollout.contexts if c.prompt not in self.v_star]
         if missing:
             raise ValueError(f"a_star_po: no V* for prompts {missing[:3]} (V* is estimated for the prompt source at run start)")
         rollout = rollout.to(device)
         rewards = sequence_rewards(rewards).float().to(device)
         v_star = torch.tensor([self.v_star[c.prompt] for c in rollout.contexts], dtype=torch.float32, device=device)
-        rollout.ref_log_probs = trainer.policy.reference_log_probs(rollout)
-        g = trainer.generator("update")
+        rollout.ref_log_probs = ctx.policy.reference_log_probs(rollout)
+        g = ctx.generator("update")
         stats: dict[str, list[float]] = {"loss": [], "log_ratio_ref": [], "advantage_mean": [], "grad_norm": []}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(rollout.batch_size, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
-                for k, idx in enumerate(window, 1):
+                for micro, idx in ctx.accumulate(window):
                     mb = rollout.select(idx)
                     i = idx.to(device)
-                    with trainer.no_sync(sync=k == len(window)):
-                        logp = trainer.model(mb)
+                    with micro:
+                        logp = ctx.model(mb)
                         loss, step_stats = a_star_po_loss(logp, mb.ref_log_probs, mb.mask, rewards[i], v_star[i], cfg.beta2)
-                        trainer.backward(loss / len(window))
+                        micro.backward(loss)
                     stats["loss"].append(loss.item())
                     for key, value in step_stats.items():
                         stats[key].append(value)
-                stats["grad_norm"].append(trainer.optimizer_step())
+                stats["grad_norm"].append(ctx.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["v_star_mean"] = v_star.mean().item()
         return out

@@ -35,13 +35,14 @@ def windows(perm: torch.Tensor, train_batch_size: int, accumulation: int) -> Ite
         yield micro[i : i + accumulation]
 
 
-def gather_rewards(trainer, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, list[str], slice]:
-    """Rewards ``[N]`` and prompts of *all* processes, and the slice that is this process's.
+def gather_rewards(ctx, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, list[str], slice]:
+    """Rewards ``[N]`` and prompts of *all* processes, and the slice that is this process's
+    (``ctx``: the update's :class:`polyrl.context.UpdateContext`, or anything with its ``accelerator``).
 
     Every process holds the same number of samples, so process ``r``'s samples are
     ``[r*B, (r+1)*B)`` of the gathered tensor.
     """
-    acc = trainer.accelerator
+    acc = ctx.accelerator
     local = rewards.detach().float().to(acc.device)
     all_rewards = acc.gather(local).cpu()
     from accelerate.utils import gather_object  # imported when an update runs, not when the plugin loads

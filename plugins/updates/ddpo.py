@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.stats import PerPromptStatTracker
 from polyrl.types import Rollout, Update
 
@@ -110,25 +111,26 @@ class DDPO(Update):
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
         self.last_advantages: torch.Tensor | None = None
 
-    def advantages(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
-        all_rewards, all_prompts, mine = gather_rewards(trainer, rollout, rewards)
+    def advantages(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+        all_rewards, all_prompts, mine = gather_rewards(ctx, rollout, rewards)
         if self.cfg.per_prompt_stat_tracking:
             adv = self.tracker.update(all_prompts, all_rewards)
         else:
             adv = (all_rewards - all_rewards.mean()) / (all_rewards.std(unbiased=False) + 1e-6)
         return adv[mine]
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
         rewards = sequence_rewards(rewards)
-        device = trainer.accelerator.device
-        adv = self.advantages(trainer, rollout, rewards)
+        device = ctx.accelerator.device
+        adv = self.advantages(ctx, rollout, rewards)
         self.last_advantages = adv.clone()
         adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(device)
         rollout = rollout.to(device)
         b, t = rollout.log_probs.shape
         t_train = max(1, int(t * cfg.timestep_fraction))
-        g = trainer.generator("update")
+        g = ctx.generator("update")
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], "kl_ref": []}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
@@ -137,14 +139,14 @@ class DDPO(Update):
                 n_micro = len(window) * t_train  # one loss term per (micro-batch, step), as in the reference
                 calls = [(idx, j, min(cfg.steps_per_call, t_train - j))
                          for idx in window for j in range(0, t_train, cfg.steps_per_call)]
-                for c, (idx, j, k) in enumerate(calls):
+                for micro, (idx, j, k) in ctx.accumulate(calls, scale=n_micro):
                     mb = rollout.select(idx)
                     mb_adv = adv[idx.to(device)]
                     cols = order[idx, j : j + k].to(device)  # [b, k]: each sample's next k shuffled steps
-                    with trainer.no_sync(sync=c == len(calls) - 1):
-                        logps = trainer.model(mb, cols)  # [b, k] in one model call
+                    with micro:
+                        logps = ctx.model(mb, cols)  # [b, k] in one model call
                         olds, valids = mb.log_probs.gather(1, cols), mb.mask.gather(1, cols)
-                        refs = (trainer.policy.reference_log_probs(mb, cols).to(logps.device)
+                        refs = (ctx.policy.reference_log_probs(mb, cols).to(logps.device)
                                 if cfg.kl_coef > 0 else None)
                         total = 0.0
                         for col in range(k):  # each step's loss as with one call per step
@@ -158,8 +160,8 @@ class DDPO(Update):
                             stats["loss"].append(loss.item())
                             for key, value in step_stats.items():
                                 stats[key].append(value)
-                        trainer.backward(total / n_micro)
-                stats["grad_norm"].append(trainer.optimizer_step())
+                        micro.backward(total)  # total / n_micro
+                stats["grad_norm"].append(ctx.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["advantage_abs_mean"] = adv.abs().mean().item()
         out.update(self.tracker.stats())

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout
 
 from .ppo import PPO, PPOConfig
@@ -43,8 +44,8 @@ def check_reset_sampler(config: Any) -> None:
 class DRPO(PPO):
     name = "dr_po"
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
-        out = super().step(trainer, rollout, rewards)
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        out = super().step(ctx, rollout, rewards)
         forced = rollout.data.get("forced")
         if forced is not None:
             n = forced.sum(1).float()

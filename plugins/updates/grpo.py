@@ -61,6 +61,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, sequence_rewards, windows
@@ -345,9 +346,10 @@ class GRPO(Update):
         cfg.check()
         self.cfg = cfg
 
-    def advantages(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+    def advantages(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
         """``[B]`` advantages of this process's samples (gathering batch statistics across processes)."""
-        cfg, acc = self.cfg, trainer.accelerator
+        ctx = UpdateContext.of(ctx)
+        cfg, acc = self.cfg, ctx.accelerator
         groups = [c.group for c in rollout.contexts]
 
         def everywhere(x: torch.Tensor) -> torch.Tensor:
@@ -355,7 +357,7 @@ class GRPO(Update):
 
         if cfg.multi_objective_aggregation == "normalize_then_sum":
             components = rollout.outputs.get("reward_components")
-            weights = [w for _, w, _ in trainer.rewards]
+            weights = list(ctx.reward_weights.values())
             if not isinstance(components, torch.Tensor) or components.shape != (rollout.batch_size, len(weights)):
                 raise ValueError(
                     "update.multi_objective_aggregation='normalize_then_sum' needs the reward components on the rollout "
@@ -369,13 +371,13 @@ class GRPO(Update):
         return grpo_advantages(rewards, groups, cfg.scale_rewards, batch)
 
     @torch.no_grad()
-    def correct_engine(self, trainer, rollout: Rollout) -> dict[str, float]:
+    def correct_engine(self, ctx: UpdateContext, rollout: Rollout) -> dict[str, float]:
         """Recompute the old log-probs with the trained model (in micro-batches), keep the sampler's
         as ``data["engine_log_probs"]``, and put the truncated importance weights in
         ``data["engine_is_weights"]``; returns the mismatch stats."""
         cfg = self.cfg
         engine = rollout.data.get("engine_log_probs", rollout.log_probs)
-        old = torch.cat([trainer.model(rollout.select(idx)).detach().float()
+        old = torch.cat([ctx.model(rollout.select(idx)).detach().float()
                          for idx in torch.arange(rollout.batch_size).split(cfg.train_batch_size)])
         weights, stats = engine_is_weights(old, engine, rollout.mask, cfg.engine_correction, cfg.engine_correction_max)
         rollout.data["engine_log_probs"] = engine
@@ -383,18 +385,19 @@ class GRPO(Update):
         rollout.log_probs = old
         return stats
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
-        acc = trainer.accelerator
+        acc = ctx.accelerator
         device = acc.device
-        adv = self.advantages(trainer, rollout, rewards).to(device)
+        adv = self.advantages(ctx, rollout, rewards).to(device)
         rollout = rollout.to(device)
         if cfg.beta > 0:
-            rollout.ref_log_probs = trainer.policy.reference_log_probs(rollout)
-        engine_stats = self.correct_engine(trainer, rollout) if cfg.engine_correction != "off" else {}
+            rollout.ref_log_probs = ctx.policy.reference_log_probs(rollout)
+        engine_stats = self.correct_engine(ctx, rollout) if cfg.engine_correction != "off" else {}
         b = rollout.batch_size
         eps_low, eps_high = cfg.clip_bounds
-        g = trainer.generator("update")
+        g = ctx.generator("update")
         stats: dict[str, list[float]] = {}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
@@ -404,23 +407,23 @@ class GRPO(Update):
                     local = rollout.mask[torch.cat(window).to(device)].float().sum().reshape(1)
                     total = acc.gather(local).sum() if acc.num_processes > 1 else local.sum()
                     num_tokens = total / acc.num_processes
-                for k, idx in enumerate(window, 1):
+                # dapo's normaliser already spans the whole step; the others average the micro-batches
+                for micro, idx in ctx.accumulate(window, scale=1 if cfg.loss_type == "dapo" else None):
                     mb = rollout.select(idx)
-                    with trainer.no_sync(sync=k == len(window)):
-                        logp = trainer.model(mb)  # [b, T]
+                    with micro:
+                        logp = ctx.model(mb)  # [b, T]
                         loss, step_stats = grpo_loss(
                             logp, mb.log_probs, adv[idx.to(device)], mb.mask, eps_low, cfg.beta, mb.ref_log_probs,
                             cfg.loss_type, epsilon_high=eps_high, importance_sampling_level=cfg.importance_sampling_level,
                             max_completion_length=cfg.max_completion_length, num_tokens=num_tokens,
                             is_weights=mb.data.get("engine_is_weights"),
                         )
-                        # dapo's normaliser already spans the whole step; the others average the micro-batches
-                        trainer.backward(loss if cfg.loss_type == "dapo" else loss / len(window))
+                        micro.backward(loss)
                     # logged per micro-batch on the scale of a whole-step loss
                     stats.setdefault("loss", []).append(loss.item() * (len(window) if cfg.loss_type == "dapo" else 1))
                     for key, value in step_stats.items():
                         stats.setdefault(key, []).append(value)
-                stats.setdefault("grad_norm", []).append(trainer.optimizer_step())
+                stats.setdefault("grad_norm", []).append(ctx.optimizer_step())
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         out["completion_length"] = rollout.mask.float().sum(1).mean().item()
         out["advantage_abs_mean"] = adv.abs().mean().item()

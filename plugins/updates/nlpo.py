@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout
 
 from .ppo import PPO, PPOConfig, _check_ppo_fields, _check_ppo_run
@@ -64,9 +65,10 @@ class NLPO(PPO):
         super().__init__(cfg)
         self.mask_state: dict[str, torch.Tensor] | None = None  # trained weights of pi_psi
 
-    def setup(self, trainer) -> None:
-        """Install the masking policy: the restored one, or a copy of the initial policy."""
-        policy = trainer.policy
+    def setup(self, ctx: UpdateContext) -> None:
+        """Install the masking policy: the restored one, or a copy of the initial policy
+        (``ctx``: the update's context or the loop's trainer; only its ``policy`` is used)."""
+        policy = ctx.policy
         if not hasattr(policy, "set_action_mask"):
             raise ConfigError(
                 f"update 'nlpo' needs a policy with a token action mask (causal_lm, seq2seq_lm); "
@@ -76,28 +78,28 @@ class NLPO(PPO):
             self.mask_state = policy.trainable_state_dict()
         policy.set_action_mask(self.mask_state, self.cfg.mask_top_p, self.cfg.mask_min_tokens)
 
-    def kl_rollout(self, trainer, rollout: Rollout) -> tuple[Rollout, torch.Tensor]:
-        if trainer.policy.mask_model is None:
-            self.setup(trainer)
+    def kl_rollout(self, ctx: UpdateContext, rollout: Rollout) -> tuple[Rollout, torch.Tensor]:
+        if ctx.policy.mask_model is None:
+            self.setup(ctx)
         plain = unmasked(rollout)
         n = self.cfg.train_batch_size
         with torch.no_grad():  # log pi_theta_old, unmasked, in micro-batches
-            old = torch.cat([trainer.policy(plain.select(torch.arange(i, min(i + n, plain.batch_size))))
+            old = torch.cat([ctx.policy(plain.select(torch.arange(i, min(i + n, plain.batch_size))))
                              for i in range(0, plain.batch_size, n)])
         return plain, old
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         if "nlpo_top_p" not in rollout.meta:
             raise ValueError(
                 "nlpo: the rollout was not sampled under the action mask; the sampler must support NLPO "
                 "(the text plugin's 'generate' does)"
             )
-        return super().step(trainer, rollout, rewards)
+        return super().step(ctx, rollout, rewards)
 
-    def after_step(self, trainer) -> dict[str, float]:
-        if trainer.iteration % self.cfg.mask_update_interval == 0:
-            self.mask_state = trainer.policy.trainable_state_dict()
-            trainer.policy.set_action_mask(self.mask_state, self.cfg.mask_top_p, self.cfg.mask_min_tokens)
+    def after_step(self, ctx: UpdateContext) -> dict[str, float]:
+        if ctx.iteration % self.cfg.mask_update_interval == 0:
+            self.mask_state = ctx.policy.trainable_state_dict()
+            ctx.policy.set_action_mask(self.mask_state, self.cfg.mask_top_p, self.cfg.mask_min_tokens)
             return {"mask_refreshed": 1.0}
         return {"mask_refreshed": 0.0}
 

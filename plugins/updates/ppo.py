@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, windows
@@ -227,34 +228,35 @@ class PPO(Update):
         self.kl_coef = float(cfg.kl_coef)
 
     # hooks for variants (NLPO) -----------------------------------------------------------
-    def kl_rollout(self, trainer, rollout: Rollout) -> tuple[Rollout, torch.Tensor]:
+    def kl_rollout(self, ctx: UpdateContext, rollout: Rollout) -> tuple[Rollout, torch.Tensor]:
         """The rollout whose distribution the KL penalty measures, and its log-probs under the
         sampling policy. PPO: the rollout itself and its recorded log-probs."""
         return rollout, rollout.log_probs
 
-    def after_step(self, trainer) -> dict[str, float]:
+    def after_step(self, ctx: UpdateContext) -> dict[str, float]:
         return {}
 
     # -------------------------------------------------------------------------------------
-    def _check_policy(self, trainer) -> None:
-        if not getattr(trainer.policy, "has_value_head", False):
+    def _check_policy(self, ctx: UpdateContext) -> None:
+        if not getattr(ctx.policy, "has_value_head", False):
             raise ConfigError(
-                f"update {self.name!r} needs a policy with a value head, but {type(trainer.policy).__name__} has none; "
+                f"update {self.name!r} needs a policy with a value head, but {type(ctx.policy).__name__} has none; "
                 "for causal_lm / seq2seq_lm set policy.value_head: true"
             )
 
     @torch.no_grad()
-    def _old_values(self, trainer, rollout: Rollout) -> torch.Tensor:
+    def _old_values(self, ctx: UpdateContext, rollout: Rollout) -> torch.Tensor:
         parts = []
         for i in range(0, rollout.batch_size, self.cfg.train_batch_size):
             mb = rollout.select(torch.arange(i, min(i + self.cfg.train_batch_size, rollout.batch_size)))
-            parts.append(trainer.policy(mb, with_values=True)["values"].float())
+            parts.append(ctx.policy(mb, with_values=True)["values"].float())
         return torch.cat(parts)
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
-        self._check_policy(trainer)
-        acc = trainer.accelerator
+        self._check_policy(ctx)
+        acc = ctx.accelerator
         device = acc.device
         rollout = rollout.to(device)
         mask = rollout.mask
@@ -263,8 +265,8 @@ class PPO(Update):
         out: dict[str, float] = {"kl_coef": self.kl_coef}
 
         if cfg.kl_coef > 0:
-            kl_rollout, old_for_kl = self.kl_rollout(trainer, rollout)
-            ref = trainer.policy.reference_log_probs(kl_rollout)
+            kl_rollout, old_for_kl = self.kl_rollout(ctx, rollout)
+            ref = ctx.policy.reference_log_probs(kl_rollout)
             kl = (old_for_kl - ref) * m  # [B, T]
             token_rewards = token_rewards - self.kl_coef * kl
             stats = torch.stack([kl.sum(), m.sum(), kl.sum(1).mean()]).double()
@@ -275,7 +277,7 @@ class PPO(Update):
             out.update(kl_ref=kl_step, kl_ref_sequence=stats[2].item())
             self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_step, cfg.kl_target)
 
-        old_values = self._old_values(trainer, rollout)
+        old_values = self._old_values(ctx, rollout)
         adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
         out.update(value_mean=((old_values * m).sum() / m.sum().clamp(min=1)).item(),
                    return_mean=((returns * m).sum() / m.sum().clamp(min=1)).item())
@@ -283,28 +285,28 @@ class PPO(Update):
             adv = masked_whiten(adv, mask, acc)
 
         b = rollout.batch_size
-        g = trainer.generator("update")
+        g = ctx.generator("update")
         stats_l: dict[str, list[float]] = {}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
-                for k, idx in enumerate(window, 1):
+                for micro, idx in ctx.accumulate(window):
                     mb = rollout.select(idx)
                     i = idx.to(device)
-                    with trainer.no_sync(sync=k == len(window)):
-                        res = trainer.model(mb, with_values=True, with_entropy=True)
+                    with micro:
+                        res = ctx.model(mb, with_values=True, with_entropy=True)
                         loss, step_stats = ppo_loss(
                             res["log_probs"], mb.log_probs, adv[i], res["values"], old_values[i], returns[i], mb.mask,
                             cfg.clip_range, cfg.clip_range_value, cfg.vf_coef, res.get("entropy"), cfg.ent_coef,
                         )
-                        trainer.backward(loss / len(window))
+                        micro.backward(loss)
                     stats_l.setdefault("loss", []).append(loss.item())
                     for key, value in step_stats.items():
                         stats_l.setdefault(key, []).append(value)
-                stats_l.setdefault("grad_norm", []).append(trainer.optimizer_step())
+                stats_l.setdefault("grad_norm", []).append(ctx.optimizer_step())
         out.update({k: sum(v) / len(v) for k, v in stats_l.items() if v})
         out["completion_length"] = m.sum(1).mean().item()
-        out.update(self.after_step(trainer))
+        out.update(self.after_step(ctx))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, sequence_rewards, windows
@@ -120,35 +121,36 @@ class REBEL(Update):
     def __init__(self, cfg: REBELConfig) -> None:
         self.cfg = cfg
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
-        device = trainer.accelerator.device
+        device = ctx.accelerator.device
         rewards = sequence_rewards(rewards).float().to(device)
         rollout = rollout.to(device)
         out: dict[str, float] = {}
         if cfg.kl_coef > 0:
-            ref = trainer.policy.reference_log_probs(rollout)
+            ref = ctx.policy.reference_log_probs(rollout)
             kl = sequence_log_probs(rollout.log_probs - ref, rollout.mask)  # [B]
             rewards = rewards - cfg.kl_coef * kl
             out["kl_ref"] = kl.mean().item()
         pairs = pair_indices([c.group for c in rollout.contexts])  # [N, 2]
-        g = trainer.generator("update")
+        g = ctx.generator("update")
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "logratio_diff": [], "reward_diff_abs": [],
                                          "grad_norm": []}
         pairs_per_micro = cfg.train_batch_size // 2
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(pairs.shape[0], generator=g)
             for window in windows(perm, pairs_per_micro, cfg.gradient_accumulation_batches):
-                for k, pidx in enumerate(window, 1):
+                for micro, pidx in ctx.accumulate(window):
                     idx = pairs[pidx].reshape(-1)  # y_0, y'_0, y_1, y'_1, ...
                     mb = rollout.select(idx)
-                    with trainer.no_sync(sync=k == len(window)):
-                        logp = trainer.model(mb)  # [2n, T]
+                    with micro:
+                        logp = ctx.model(mb)  # [2n, T]
                         loss, step_stats = rebel_loss(logp, mb.log_probs, mb.mask, rewards[idx.to(device)], cfg.eta)
-                        trainer.backward(loss / len(window))
+                        micro.backward(loss)
                     stats["loss"].append(loss.item())
                     for key, value in step_stats.items():
                         stats[key].append(value)
-                stats["grad_norm"].append(trainer.optimizer_step())
+                stats["grad_norm"].append(ctx.optimizer_step())
         out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         return out

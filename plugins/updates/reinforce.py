@@ -13,6 +13,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.stats import group_advantages
 from polyrl.types import Rollout, Update
 
@@ -41,11 +42,12 @@ class Reinforce(Update):
         self.cfg = cfg
         self.ema: float | None = None
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
         rewards = sequence_rewards(rewards)
-        device = trainer.accelerator.device
-        all_rewards, _, mine = gather_rewards(trainer, rollout, rewards)
+        device = ctx.accelerator.device
+        all_rewards, _, mine = gather_rewards(ctx, rollout, rewards)
         local = all_rewards[mine]
         if cfg.baseline == "batch_mean":
             adv = local - all_rewards.mean()
@@ -64,15 +66,15 @@ class Reinforce(Update):
         perm = torch.arange(rollout.batch_size)
         window = next(windows(perm, cfg.train_batch_size, rollout.batch_size))
         losses = []
-        for k, idx in enumerate(window, 1):
+        for micro, idx in ctx.accumulate(window):
             mb = rollout.select(idx)
-            with trainer.no_sync(sync=k == len(window)):
-                logp = trainer.model(mb)
+            with micro:
+                logp = ctx.model(mb)
                 seq_logp = (logp * mb.mask.float()).sum(1)
                 loss = -(adv[idx.to(device)] * seq_logp).mean()
-                trainer.backward(loss / len(window))
+                micro.backward(loss)
             losses.append(loss.item())
-        grad_norm = trainer.optimizer_step()
+        grad_norm = ctx.optimizer_step()
         return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "advantage_abs_mean": adv.abs().mean().item()}
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, sequence_rewards, windows
@@ -127,15 +128,16 @@ class RLOO(Update):
     def __init__(self, cfg: RLOOConfig) -> None:
         self.cfg = cfg
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
-        acc = trainer.accelerator
+        acc = ctx.accelerator
         device = acc.device
         rollout = rollout.to(device)
         rewards = sequence_rewards(rewards).float().to(device)
         out: dict[str, float] = {}
         if cfg.kl_coef > 0:
-            ref = trainer.policy.reference_log_probs(rollout)
+            ref = ctx.policy.reference_log_probs(rollout)
             kl = ((rollout.log_probs - ref) * rollout.mask.float()).sum(1)  # [B]
             rewards = rewards - cfg.kl_coef * kl
             out["kl_ref"] = kl.mean().item()
@@ -144,22 +146,22 @@ class RLOO(Update):
             all_adv = acc.gather(adv) if acc.num_processes > 1 else adv
             adv = adv / (all_adv.std() + 1e-8)
         out["advantage_abs_mean"] = adv.abs().mean().item()
-        g = trainer.generator("update")
+        g = ctx.generator("update")
         low, high = cfg.clip_bounds
         stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "clipfrac_low": [],
                                          "clipfrac_high": [], "grad_norm": []}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(rollout.batch_size, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
-                for k, idx in enumerate(window, 1):
+                for micro, idx in ctx.accumulate(window):
                     mb = rollout.select(idx)
-                    with trainer.no_sync(sync=k == len(window)):
-                        logp = trainer.model(mb)
+                    with micro:
+                        logp = ctx.model(mb)
                         loss, step_stats = rloo_loss(logp, mb.log_probs, mb.mask, adv[idx.to(device)], low, high)
-                        trainer.backward(loss / len(window))
+                        micro.backward(loss)
                     stats["loss"].append(loss.item())
                     for key, value in step_stats.items():
                         stats[key].append(value)
-                stats["grad_norm"].append(trainer.optimizer_step())
+                stats["grad_norm"].append(ctx.optimizer_step())
         out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
         return out
