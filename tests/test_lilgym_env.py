@@ -206,9 +206,71 @@ def test_scatter_add_sticks_to_a_close_item_and_remove_takes_it_back():
     assert (added["x_loc"], added["y_loc"], added["color"]) == (18, 0, "#0099ff")  # moved to touch
     far = A.apply("scatter", rep, scatter_add(10, 3, "circle", "YELLOW", "SMALL"))
     assert far[1][-1]["x_loc"] == 60 and far[1][-1]["y_loc"] == 60  # nothing within 4 px: stays
-    back = A.apply("scatter", far, A.encode("scatter", A.Action("remove", x=10, y=3)))
+    remove = A.encode("scatter", A.Action("remove", x=10, y=3))
+    back = A.apply("scatter", far, remove, remove_rule="lilgym-2024")
     assert back == rep
-    assert A.is_valid("scatter", far, A.encode("scatter", A.Action("remove", x=10, y=3)))
+    for rule in A.REMOVE_RULES:
+        assert A.is_valid("scatter", far, remove, remove_rule=rule)
+    # the paper-era code finds nothing to remove in the middle box: the world stays as it is
+    assert A.apply("scatter", far, remove, remove_rule="lilgym-2023") == far
+
+
+def _remove(x, y):
+    return A.encode("scatter", A.Action("remove", x=x, y=y))
+
+
+def test_scatter_remove_rules_differ_as_lilgym_releases_do():
+    circle = {"x_loc": 30, "y_loc": 20, "type": "circle", "color": "Black", "size": 30}  # covers 30..60 x 20..50
+    for box in range(3):
+        rep = [[], [], []]
+        rep[box] = [dict(circle)]
+        x0 = [0, 7, 14][box]
+        old = A.valid_mask("scatter", rep)  # the default is the paper-era rule set
+        assert (old == A.valid_mask("scatter", rep, "lilgym-2023")).all()
+        new = A.valid_mask("scatter", rep, "lilgym-2024")
+        assert not old[_remove(x0 + 1, 1)] and not old[_remove(x0 + 2, 2)]  # no item starts at 20,20 or 40,40
+        covered = {(x0 + cx, cy) for cx in (1, 2) for cy in (1, 2)}  # cells 20..60 x 20..60
+        assert {(int(c) // 5, int(c) % 5) for c in np.flatnonzero(new[2566:])} == covered
+        assert old[2566:].sum() == 0  # 30,20 is not a cell corner: nothing is removable in 2023
+        gone = A.apply("scatter", rep, _remove(x0 + 2, 1), remove_rule="lilgym-2024")
+        assert gone[box] == []
+        assert not new[_remove(x0, 0)] and not new[_remove(x0 + 3, 3)]  # 60..80 x 60..80 is untouched
+    # an item at a cell corner: REMOVE is valid under both; lilgym-2023 removes it only in the left box
+    for box in range(3):
+        rep = [[], [], []]
+        rep[box] = [{"x_loc": 20, "y_loc": 40, "type": "square", "color": "Yellow", "size": 10}]
+        x0 = [0, 7, 14][box]
+        a = _remove(x0 + 1, 2)
+        for rule in A.REMOVE_RULES:
+            assert A.is_valid("scatter", rep, a, rule)
+        assert A.apply("scatter", rep, a, "lilgym-2024")[box] == []
+        assert A.apply("scatter", rep, a, "lilgym-2023")[box] == ([] if box == 0 else rep[box])
+    with pytest.raises(ValueError, match="lilgym-2025.*lilgym-2023"):
+        A.valid_mask("scatter", [[], [], []], "lilgym-2025")
+    with pytest.raises(ValueError, match="remove_rule"):
+        LilGymEnv("ScatterScratch", "dev", data_dir=FIXTURES, remove_rule="latest")
+
+
+def test_scatter_sticky_add_matches_lilgyms_geometry():
+    # expected placements computed with lilGym's own sticky code (shapely, image coordinates)
+    ref = json.loads((FIXTURES / "scatter_sticky_add.json").read_text())
+    assert len(ref["cases"]) == 100
+    circles = 0
+    for world_index, action, x_loc, y_loc in ref["cases"]:
+        world = ref["worlds"][world_index]
+        a = A.decode("scatter", action)
+        box = A.scatter_box(a.x)
+        assert A.is_valid("scatter", world, action)
+        added = A.apply("scatter", world, action)[box][-1]
+        assert (added["x_loc"], added["y_loc"]) == (x_loc, y_loc), A.action_text("scatter", action)
+        circles += a.shape == 0
+    assert circles >= 30
+
+
+def test_circle_outline_has_exact_quadrant_vertices():
+    s = A._Shape(0, 50, "circle", 10)  # centre 5, 55, radius 5
+    assert s.pts[0] == (10.0, 55.0) and s.pts[16] == (5.0, 50.0) and s.pts[32] == (0.0, 55.0) and s.pts[48] == (5.0, 60.0)
+    assert len(s.pts) == 64
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -10,13 +10,23 @@ block of ``box``. A block is a 20-pixel square at ``x_loc = 40``, stacked at ``y
 colour yellow/black/blue, size 10/20/30 pixels) with its top-left corner at cell ``(x, y)``;
 ``2566 + x*5 + y`` REMOVE at cell ``(x, y)``. Invalid: any action on a separator column (x = 5,
 6, 12, 13); a large item in the last row or column of a box; an item that would stick out of its
-box or overlap an existing item (positive intersection area); a REMOVE where no item has its
-top-left corner at the cell's corner. A valid ADD that ends up within 4 pixels of an item is moved
-to touch it ("sticky" placement); REMOVE takes the item that covers most of the cell.
+box or overlap an existing item (positive intersection area). A valid ADD that ends up within 4
+pixels of an item is moved to touch it ("sticky" placement), computed as lilGym computes it: outlines
+in image coordinates, distances and nearest points as GEOS (shapely's geometry engine) finds them.
 
-Shapes are polygons as in lilGym's geometry: squares and triangles by their corners, circles as
-64-gons. (lilGym builds the REMOVE cell without its box offset, so REMOVE never removes anything in
-the middle and right boxes; here it removes the intended item in every box.)
+**Scatter REMOVE** follows one of lilGym's two released rule sets, chosen with ``remove_rule``:
+
+* ``"lilgym-2023"`` (the default; the code of the lilGym paper's experiments, lil-lab/lilgym from
+  commit 3e4950b of 2022-11-10 to commit 3975c4c of 2023-07-27): REMOVE at a cell is valid only if an item has its top-left
+  corner exactly at the cell's corner. It removes the item whose outline covers most of the cell,
+  but the cell is built without its box's offset, so in the middle and right boxes it covers no
+  item and a valid REMOVE leaves the world unchanged (it costs its step).
+* ``"lilgym-2024"`` (lil-lab/lilgym commit 4293653 of 2024-02-26, "Simplify the checks"): REMOVE at a
+  cell is valid if some item covers part of the cell (positive intersection area), in any box, and
+  removes the item that covers most of it.
+
+Shapes are polygons as in lilGym's geometry (shapely): squares and triangles by their corners,
+circles as the 64-gon of GEOS's point buffer.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ from .world import ALMOST_TOUCHING_MARGIN, BOX_SIZE, Color
 
 __all__ = [
     "Action",
+    "REMOVE_RULES",
+    "DEFAULT_REMOVE_RULE",
+    "check_remove_rule",
     "NUM_ACTIONS",
     "decode",
     "encode",
@@ -46,6 +59,16 @@ __all__ = [
 
 NUM_ACTIONS = {"tower": 13, "scatter": 2661}
 """Size of the action set of each appearance."""
+REMOVE_RULES = ("lilgym-2023", "lilgym-2024")
+"""lilGym's released rule sets for scatter REMOVE (see the module documentation)."""
+DEFAULT_REMOVE_RULE = "lilgym-2023"
+"""The rule set of the lilGym paper's experiments, for comparability with its numbers."""
+
+
+def check_remove_rule(rule: str) -> None:
+    """Raise ``ValueError`` naming ``rule`` unless it is one of :data:`REMOVE_RULES`."""
+    if rule not in REMOVE_RULES:
+        raise ValueError(f"remove_rule {rule!r} is not accepted; choose one of {list(REMOVE_RULES)}")
 
 BOXES = ("LEFT", "MIDDLE", "RIGHT")
 COLORS = ("YELLOW", "BLACK", "BLUE")
@@ -163,6 +186,9 @@ def parse_action(appearance: str, text: str) -> int | None:
 # ---------------------------------------------------------------------------------- geometry
 _CIRCLE_SEGMENTS = 64
 _APOTHEM = math.cos(math.pi / _CIRCLE_SEGMENTS)
+_QUADRANT = ((1.0, 0.0), (0.0, -1.0), (-1.0, 0.0), (0.0, 1.0))
+"""Exact directions of the quarter-turn vertices of a circle (GEOS's point buffer puts them exactly on the
+axes, where ``cos``/``sin`` of a multiple of pi/2 would be a few ulps off)."""
 Point = tuple[float, float]
 
 
@@ -185,7 +211,8 @@ class _Shape:
         else:
             cx, cy = self.center
             r, step = size / 2, 2 * math.pi / _CIRCLE_SEGMENTS
-            pts = [(cx + r * math.cos(-k * step), cy + r * math.sin(-k * step)) for k in range(_CIRCLE_SEGMENTS)]
+            pts = [(cx + r * _QUADRANT[k // 16][0], cy + r * _QUADRANT[k // 16][1]) if k % 16 == 0
+                   else (cx + r * math.cos(-k * step), cy + r * math.sin(-k * step)) for k in range(_CIRCLE_SEGMENTS)]
         self.pts: list[Point] = pts
         xs_, ys_ = [p[0] for p in pts], [p[1] for p in pts]
         self.bounds = (min(xs_), min(ys_), max(xs_), max(ys_))
@@ -270,35 +297,106 @@ def _dist(p: Point, q: Point) -> float:
     return math.hypot(p[0] - q[0], p[1] - q[1])
 
 
-def _segment_closest_points(p0: Point, p1: Point, q0: Point, q1: Point) -> tuple[float, Point, Point]:
-    """Distance and closest points of two disjoint segments (endpoint projections, GEOS's order)."""
-    best: tuple[float, Point, Point] | None = None
-    for pt, seg, first in ((q0, (p0, p1), False), (q1, (p0, p1), False), (p0, (q0, q1), True), (p1, (q0, q1), True)):
-        c = _closest_on_segment(pt, *seg)
-        d = _dist(pt, c)
-        if best is None or d < best[0]:
-            best = (d, pt, c) if first else (d, c, pt)
-    return best  # type: ignore[return-value]
+def _geos_point_distance(p: Point, q: Point) -> float:
+    dx, dy = p[0] - q[0], p[1] - q[1]
+    return math.sqrt(dx * dx + dy * dy)
+
+
+def _geos_point_segment(p: Point, a: Point, b: Point) -> float:
+    """Distance from ``p`` to segment ``ab``, in the order of operations of GEOS's
+    ``Distance::pointToSegment`` (perpendicular distance as ``|s| * sqrt(len2)``)."""
+    if a[0] == b[0] and a[1] == b[1]:
+        return _geos_point_distance(p, a)
+    len2 = (b[0] - a[0]) * (b[0] - a[0]) + (b[1] - a[1]) * (b[1] - a[1])
+    r = ((p[0] - a[0]) * (b[0] - a[0]) + (p[1] - a[1]) * (b[1] - a[1])) / len2
+    if r <= 0.0:
+        return _geos_point_distance(p, a)
+    if r >= 1.0:
+        return _geos_point_distance(p, b)
+    s = ((a[1] - p[1]) * (b[0] - a[0]) - (a[0] - p[0]) * (b[1] - a[1])) / len2
+    return abs(s) * math.sqrt(len2)
+
+
+def _geos_segment_segment(a: Point, b: Point, c: Point, d: Point) -> float:
+    """Distance between segments ``ab`` and ``cd`` as GEOS's ``Distance::segmentToSegment``
+    computes it (0 where they intersect)."""
+    if a == b:
+        return _geos_point_segment(a, c, d)
+    if c == d:
+        return _geos_point_segment(d, a, b)
+    no_intersection = False
+    if (max(a[0], b[0]) < min(c[0], d[0]) or min(a[0], b[0]) > max(c[0], d[0])
+            or max(a[1], b[1]) < min(c[1], d[1]) or min(a[1], b[1]) > max(c[1], d[1])):
+        no_intersection = True
+    else:
+        denom = (b[0] - a[0]) * (d[1] - c[1]) - (b[1] - a[1]) * (d[0] - c[0])
+        if denom == 0:
+            no_intersection = True
+        else:
+            r = ((a[1] - c[1]) * (d[0] - c[0]) - (a[0] - c[0]) * (d[1] - c[1])) / denom
+            s = ((a[1] - c[1]) * (b[0] - a[0]) - (a[0] - c[0]) * (b[1] - a[1])) / denom
+            no_intersection = r < 0 or r > 1 or s < 0 or s > 1
+    if no_intersection:
+        return min(_geos_point_segment(a, c, d), _geos_point_segment(b, c, d),
+                   _geos_point_segment(c, a, b), _geos_point_segment(d, a, b))
+    return 0.0
+
+
+def _geos_closest_point(p: Point, a: Point, b: Point) -> Point:
+    """GEOS's ``LineSegment::closestPoint``: the projection inside the segment, else the nearer end."""
+    if p == a:
+        factor = 0.0
+    elif p == b:
+        factor = 1.0
+    else:
+        dx, dy = b[0] - a[0], b[1] - a[1]
+        factor = ((p[0] - a[0]) * dx + (p[1] - a[1]) * dy) / (dx * dx + dy * dy)
+    if 0 < factor < 1:
+        return (a[0] + factor * (b[0] - a[0]), a[1] + factor * (b[1] - a[1]))
+    return a if _geos_point_distance(a, p) < _geos_point_distance(b, p) else b
+
+
+def _segment_closest_points(p0: Point, p1: Point, q0: Point, q1: Point) -> tuple[Point, Point]:
+    """Closest points of two segments that do not intersect, as GEOS's ``LineSegment::closestPoints``
+    (the four endpoint projections in its order, the first strictly closest kept)."""
+    c = _geos_closest_point(q0, p0, p1)
+    best, out = _geos_point_distance(c, q0), (c, q0)
+    c = _geos_closest_point(q1, p0, p1)
+    d = _geos_point_distance(c, q1)
+    if d < best:
+        best, out = d, (c, q1)
+    c = _geos_closest_point(p0, q0, q1)
+    d = _geos_point_distance(c, p0)
+    if d < best:
+        best, out = d, (p0, c)
+    c = _geos_closest_point(p1, q0, q1)
+    if _geos_point_distance(c, p1) < best:
+        out = (p1, c)
+    return out
 
 
 def _nearest_points(a: _Shape, b: _Shape, within: float = math.inf) -> tuple[float, Point, Point]:
-    """Distance and nearest points of two disjoint outlines: the first strictly closest pair of
-    boundary segments, as GEOS's distance operation finds it. Pairs whose bounding boxes are
-    already further apart than the best distance (or ``within``) are skipped."""
-    best: tuple[float, Point, Point] = (math.inf, a.pts[0], b.pts[0])
-    limit = within
+    """Distance and nearest points of two disjoint outlines as GEOS's ``DistanceOp`` (shapely's
+    ``distance`` and ``nearest_points``) finds them: segment pairs in ring order, the first strictly
+    closest pair kept; touching outlines give distance 0 and one point twice. Pairs whose bounding
+    boxes are further apart than the best distance so far (or than ``within``) cannot be closest
+    and are skipped."""
+    best, pair = math.inf, (a.pts[0], b.pts[0])
     for p0, p1 in a.edges:
         pminx, pmaxx = min(p0[0], p1[0]), max(p0[0], p1[0])
         pminy, pmaxy = min(p0[1], p1[1]), max(p0[1], p1[1])
         for q0, q1 in b.edges:
             gap = max(min(q0[0], q1[0]) - pmaxx, pminx - max(q0[0], q1[0]),
                       min(q0[1], q1[1]) - pmaxy, pminy - max(q0[1], q1[1]))
-            if gap >= min(limit, best[0]) and gap > 0:
+            if gap > best or gap >= within:
                 continue
-            d, pa, pb = _segment_closest_points(p0, p1, q0, q1)
-            if d < best[0]:
-                best = (d, pa, pb)
-    return best
+            d = _geos_segment_segment(p0, p1, q0, q1)
+            if d < best:
+                best = d
+                if d == 0.0:
+                    return 0.0, p0, p0  # touching: GEOS returns the contact point for both
+                pair = _segment_closest_points(p0, p1, q0, q1)
+    return best, pair[0], pair[1]
 
 
 def _clip_area(s: _Shape, x0: float, y0: float, x1: float, y1: float) -> float:
@@ -370,7 +468,23 @@ def _first_column(box: int) -> int:
     return (box * (BOX_SIZE + SEPARATOR_WIDTH)) // CELL
 
 
-def _scatter_mask(rep: Sequence[Sequence[dict[str, Any]]]) -> np.ndarray:
+@lru_cache(maxsize=4096)
+def _covered_cells(key: tuple) -> np.ndarray:
+    """``[5 columns, 5 rows]`` bool: the cells of a box holding the items ``key`` that some item covers
+    with a positive area (box coordinates)."""
+    shapes = [_shape(x, y, t, s) for x, y, t, s in key]
+    out = np.zeros((5, 5), dtype=bool)
+    for cx in range(5):
+        for cy in range(5):
+            x0, y0 = cx * CELL, cy * CELL
+            x1, y1 = min(x0 + CELL, BOX_SIZE), min(y0 + CELL, BOX_SIZE)
+            out[cx, cy] = any(
+                sh.bounds[0] < x1 and sh.bounds[2] > x0 and sh.bounds[1] < y1 and sh.bounds[3] > y0
+                and _clip_area(sh, x0, y0, x1, y1) > 0.0 for sh in shapes)
+    return out
+
+
+def _scatter_mask(rep: Sequence[Sequence[dict[str, Any]]], remove_rule: str) -> np.ndarray:
     mask = np.zeros(NUM_ACTIONS["scatter"], dtype=bool)
     mask[0] = True
     add = np.zeros((GRID_X, GRID_Y, 3, 3, 3), dtype=bool)  # x, y, shape, colour, size
@@ -379,6 +493,9 @@ def _scatter_mask(rep: Sequence[Sequence[dict[str, Any]]]) -> np.ndarray:
         x0 = _first_column(box)
         free = _free_add_cells(_box_key(rep[box]))  # [5, 5, shape, size]
         add[x0 : x0 + 5] = free[:, :, :, None, :]
+        if remove_rule == "lilgym-2024":
+            remove[x0 : x0 + 5] = _covered_cells(_box_key(rep[box]))
+            continue
         for o in rep[box]:
             bx, by = o["x_loc"], o["y_loc"]
             if bx % CELL == 0 and by % CELL == 0 and 0 <= bx < BOX_SIZE and 0 <= by < BOX_SIZE:
@@ -388,9 +505,12 @@ def _scatter_mask(rep: Sequence[Sequence[dict[str, Any]]]) -> np.ndarray:
     return mask
 
 
-def valid_mask(appearance: str, rep: Sequence[Sequence[dict[str, Any]]]) -> np.ndarray:
-    """``[n_actions]`` bool: which actions are valid in world ``rep`` (STOP always is)."""
+def valid_mask(appearance: str, rep: Sequence[Sequence[dict[str, Any]]],
+               remove_rule: str = DEFAULT_REMOVE_RULE) -> np.ndarray:
+    """``[n_actions]`` bool: which actions are valid in world ``rep`` (STOP always is) under the scatter
+    REMOVE rule set ``remove_rule``."""
     _check_appearance(appearance)
+    check_remove_rule(remove_rule)
     if appearance == "tower":
         mask = np.zeros(13, dtype=bool)
         mask[0] = True
@@ -399,19 +519,23 @@ def valid_mask(appearance: str, rep: Sequence[Sequence[dict[str, Any]]]) -> np.n
             mask[1 + 3 * box : 4 + 3 * box] = n < TOWER_MAX
             mask[10 + box] = n > 0
         return mask
-    return _scatter_mask(rep)
+    return _scatter_mask(rep, remove_rule)
 
 
-def is_valid(appearance: str, rep: Sequence[Sequence[dict[str, Any]]], index: int) -> bool:
-    return bool(valid_mask(appearance, rep)[int(index)])
+def is_valid(appearance: str, rep: Sequence[Sequence[dict[str, Any]]], index: int,
+             remove_rule: str = DEFAULT_REMOVE_RULE) -> bool:
+    return bool(valid_mask(appearance, rep, remove_rule)[int(index)])
 
 
 def _tidy(v: float) -> float | int:
     return int(v) if float(v).is_integer() else v
 
 
-def apply(appearance: str, rep: Sequence[Sequence[dict[str, Any]]], index: int) -> list[list[dict[str, Any]]]:
-    """The world after a *valid* action (a new structured representation; ``rep`` is unchanged)."""
+def apply(appearance: str, rep: Sequence[Sequence[dict[str, Any]]], index: int,
+          remove_rule: str = DEFAULT_REMOVE_RULE) -> list[list[dict[str, Any]]]:
+    """The world after a *valid* action (a new structured representation; ``rep`` is unchanged),
+    scatter REMOVE under the rule set ``remove_rule``."""
+    check_remove_rule(remove_rule)
     a = decode(appearance, index)
     new = [[dict(item) for item in box] for box in rep]
     if a.kind == "stop":
@@ -430,6 +554,8 @@ def apply(appearance: str, rep: Sequence[Sequence[dict[str, Any]]], index: int) 
     bx, by = _cell_in_box(a.x, a.y, b)
     items = new[b]
     if a.kind == "remove":
+        if remove_rule == "lilgym-2023" and b > 0:
+            return new  # the released 2023 code looks for the item in a cell without the box's offset: none
         x1, y1 = min(bx + CELL, BOX_SIZE), min(by + CELL, BOX_SIZE)
         best, best_area = -1, 0.0
         for i, o in enumerate(items):
@@ -440,17 +566,21 @@ def apply(appearance: str, rep: Sequence[Sequence[dict[str, Any]]], index: int) 
             del items[best]
         return new
     obj = {"x_loc": bx, "y_loc": by, "type": SHAPE_VALUES[a.shape], "color": COLOR_VALUES[a.color], "size": SIZE_VALUES[a.size]}
-    # sticky placement: an item less than 5 pixels from another one is moved to touch it
-    shape = _item_shape(obj)
+    # sticky placement: an item less than 5 pixels from another one is moved to touch it. As in
+    # lilGym, outlines are in image coordinates (the box's offset added), where floating-point ties
+    # between segments resolve as they do there.
+    offset = b * (BOX_SIZE + SEPARATOR_WIDTH)
+    shape = _shape(offset + bx, by, obj["type"], obj["size"])
     closest_d, nearest = BOX_SIZE, None
     for o in items:
-        d, p_new, p_old = _nearest_points(shape, _item_shape(o), within=ALMOST_TOUCHING_MARGIN + 1)
+        other = _shape(offset + o["x_loc"], o["y_loc"], o["type"], o["size"])
+        d, p_new, p_old = _nearest_points(shape, other, within=ALMOST_TOUCHING_MARGIN + 1)
         if d < ALMOST_TOUCHING_MARGIN + 1 and int(d) < closest_d:
             closest_d, nearest = int(d), (p_new, p_old)
     if nearest is not None:
         p_new, p_old = nearest
         x_min, y_min = shape.bounds[:2]
-        obj["x_loc"] = _tidy(x_min + int(p_old[0]) - int(p_new[0]))
+        obj["x_loc"] = _tidy(x_min + int(p_old[0]) - int(p_new[0]) - offset)
         obj["y_loc"] = _tidy(y_min + int(p_old[1]) - int(p_new[1]))
     items.append(obj)
     return new

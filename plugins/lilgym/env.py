@@ -18,6 +18,8 @@
   taken while the program already has the target value is turned into STOP (+1).
 * ``info`` at the end of an episode has ``success`` (reward > 0) and ``success_no_sf`` (success
   not due to stop forcing).
+* ``remove_rule``: lilGym's rule set for scatter REMOVE, ``"lilgym-2023"`` (default, the paper's) or
+  ``"lilgym-2024"`` (see :mod:`.actions`); tower tasks do not depend on it.
 * ``render()``: ``rgb_array`` gives the full 100x380 image, ``ansi`` the world in words.
 """
 
@@ -62,6 +64,7 @@ class LilGymEnv(gym.Env):
         stop_forcing: bool = False,
         horizon: int = HORIZON,
         render_mode: str | None = None,
+        remove_rule: str = A.DEFAULT_REMOVE_RULE,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not accepted; choose one of {list(TASKS)}")
@@ -69,6 +72,8 @@ class LilGymEnv(gym.Env):
             raise ValueError(f"render_mode {render_mode!r} is not accepted; choose one of {self.metadata['render_modes']}")
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
+        A.check_remove_rule(remove_rule)
+        self.remove_rule = remove_rule
         self.task, self.split = task, split
         self.appearance, self.start = TASKS[task]
         if data is None:
@@ -116,7 +121,7 @@ class LilGymEnv(gym.Env):
 
     def _refresh(self) -> None:
         self._image, self._obs_image = observe(self.world)
-        self._mask = A.valid_mask(self.appearance, self.world)
+        self._mask = A.valid_mask(self.appearance, self.world, self.remove_rule)
         self._value = self.program_value()
 
     def _obs(self) -> dict[str, Any]:
@@ -187,7 +192,7 @@ class LilGymEnv(gym.Env):
             truncated, reward = True, -1.0
         terminated = kind == "stop"
         if not terminated and not truncated:
-            self.world = A.apply(self.appearance, self.world, action)
+            self.world = A.apply(self.appearance, self.world, action, self.remove_rule)
             self._refresh()
         info = self._info()
         info.update(force_stop=force_stop, invalid=invalid)

@@ -239,6 +239,10 @@ class LilGymTextSamplerConfig:
     """lilGym's stop forcing (training only)."""
     horizon: int = HORIZON
     """Most turns per episode (lilGym: 11)."""
+    remove_rule: Literal["lilgym-2023", "lilgym-2024"] = "lilgym-2023"
+    """lilGym's rule set for scatter REMOVE: 'lilgym-2023' (the paper's: valid only at an item's
+    top-left cell, removes nothing in the middle and right boxes) or 'lilgym-2024' (valid wherever an
+    item covers the cell, in every box)."""
     deterministic: bool = False
     """Greedy decoding instead of sampling (evaluation)."""
 
@@ -246,7 +250,8 @@ class LilGymTextSamplerConfig:
         from .sampler import LilGymSamplerConfig
 
         LilGymSamplerConfig(task=self.task, split=self.split, data_dir=self.data_dir, statements=self.statements,
-                            heldout_fraction=self.heldout_fraction, horizon=self.horizon).check()
+                            heldout_fraction=self.heldout_fraction, horizon=self.horizon,
+                            remove_rule=self.remove_rule).check()
 
 
 class LilGymTextSampler(Sampler):
@@ -265,7 +270,8 @@ class LilGymTextSampler(Sampler):
         from .env import LilGymEnv  # gymnasium is imported when the first episode runs
         while len(self._envs) <= i:
             self._envs.append(LilGymEnv(self.cfg.task, self.cfg.split, data=self.examples,
-                                        stop_forcing=self.cfg.stop_forcing, horizon=self.cfg.horizon))
+                                        stop_forcing=self.cfg.stop_forcing, horizon=self.cfg.horizon,
+                                        remove_rule=self.cfg.remove_rule))
         return self._envs[i]
 
     @torch.no_grad()

@@ -69,12 +69,18 @@ class LilGymSamplerConfig:
     where the goal holds; False records the action the policy drew, which the environment replaced."""
     horizon: int = HORIZON
     """Most steps per episode (lilGym: 11)."""
+    remove_rule: Literal["lilgym-2023", "lilgym-2024"] = "lilgym-2023"
+    """lilGym's rule set for scatter REMOVE: 'lilgym-2023' (the paper's: valid only at an item's
+    top-left cell, removes nothing in the middle and right boxes) or 'lilgym-2024' (valid wherever an
+    item covers the cell, in every box)."""
     deterministic: bool = False
     """Take the most likely action instead of sampling (evaluation)."""
 
     def check(self) -> None:
         if self.horizon < 1:
             raise ConfigError(f"sampler.horizon must be >= 1, got {self.horizon}")
+        if self.remove_rule not in A.REMOVE_RULES:
+            raise ConfigError(f"sampler.remove_rule {self.remove_rule!r} is not accepted; choose one of {list(A.REMOVE_RULES)}")
         if self.stop_forcing_iterations < 0:
             raise ConfigError(f"sampler.stop_forcing_iterations must be >= 0 (0: always), got {self.stop_forcing_iterations}")
         if not 0 <= self.stop_forcing_fraction <= 1:
@@ -162,7 +168,8 @@ class LilGymSampler(Sampler):
         from .env import LilGymEnv  # gymnasium is imported when the first episode runs
         while len(self._envs) <= i:
             self._envs.append(LilGymEnv(self.cfg.task, self.cfg.split, data=self.examples,
-                                        stop_forcing=self.cfg.stop_forcing, horizon=self.cfg.horizon))
+                                        stop_forcing=self.cfg.stop_forcing, horizon=self.cfg.horizon,
+                                        remove_rule=self.cfg.remove_rule))
         return self._envs[i]
 
     @torch.no_grad()
