@@ -46,6 +46,33 @@ AGENTS = {
 }
 
 
+PUBLISHED = """
+## Published baselines (lilGym paper)
+
+The per-task success rates of the lilGym paper (Wu et al., ACL 2023, "lilGym: Natural Language Visual
+Reasoning with Reinforcement Learning", aclanthology.org/2023.acl-long.512) could not be retrieved for this
+page: the paper's results table is not reproduced here, and no number from it is quoted. Its baselines'
+training set-up, as released in lilgym-baselines (github.com/lil-lab/lilgym-baselines, commit 04920fa,
+2023-07-10), is:
+
+| | C3+BERT | ViLT |
+|---|---|---|
+| network | 3-layer CNN on the image + frozen `bert-base-uncased` sentence features | `dandelin/vilt-b32-mlm` (fine-tuned; a separate ViLT for the critic) |
+| action distribution | factorised: type (STOP/ADD/REMOVE), then position, then attributes; no action mask (an invalid action ends the episode with -1) | same |
+| algorithm | PPO + GAE (gamma 0.99, lambda 0.95), stop forcing in training (PPO+SF) | same |
+| budget | 4,000,000 env steps, 2,048 steps per update, 10 epochs x 32 minibatches | same |
+| optimiser | Adam, lr 3e-4, linear decay | AdamW, lr 3e-5, cosine, 1% warm-up |
+| entropy / value coefficients | 0.1 / 0.5 | 0.1 / 0.5 |
+| evaluation | greedy, without stop forcing | same |
+
+polyrl's agents above differ from these baselines in every budget-related respect: a few thousand to tens of
+thousands of env steps on one CPU thread instead of 4M on a GPU, a tiny sentence encoder (`assets/tiny-gpt2`)
+instead of BERT, and a masked action distribution (invalid actions have probability 0). The GPU configs
+`configs/lilgym_gpu_*.yaml` set polyrl up at the baselines' scale (`bert-base-uncased` features, 4M env steps,
+entropy 0.1, 10 epochs, stop forcing); their numbers are not on this page.
+"""
+
+
 NOTES = """
 ## Notes
 
@@ -177,6 +204,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             steps = "-" if not r["train_env_steps"] else f"{r['train_env_steps']:,}"
             lines.append(f"| {r['agent']} | {r.get('config', '-')} | {greedy} | {sampled} | {r['return']:+.2f} | {steps} | {cpu} |")
         lines.append("")
+    lines += PUBLISHED.strip("\n").splitlines() + [""]
     lines += NOTES.strip("\n").splitlines()
     return "\n".join(lines) + "\n"
 
