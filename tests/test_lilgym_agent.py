@@ -281,3 +281,42 @@ def test_scatter_episodes_recompute_with_2661_masked_actions():
     acts = r.data["actions"][r.mask]
     assert r.data["action_masks"][r.mask].gather(1, acts.unsqueeze(1)).all()
     assert torch.allclose(policy(r), r.log_probs, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GPU configs
+GPU_CONFIGS = {
+    "lilgym_gpu_bert_tower_scratch": [],
+    "lilgym_gpu_bert_tower_flipit": ["sampler.split=dev", "sampler.statements=fit"],  # FlipIt train is not offline
+    "lilgym_gpu_bert_scatter_scratch": [],
+    "lilgym_gpu_bert_scatter_flipit": ["sampler.split=dev", "sampler.statements=fit"],
+    "lilgym_gpu_lm_tower_scratch": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
+def test_gpu_configs_validate_with_hub_models_at_the_papers_scale(name):
+    from polyrl.config import apply_overrides, load_yaml
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = Host().build_config(apply_overrides(load_yaml(root / "configs" / f"{name}.yaml"), GPU_CONFIGS[name]))
+    assert not cfg.run.cpu
+    p = cfg.policy.params
+    if "_bert_" in name:
+        assert p.sentence_encoder == "bert-base-uncased" and not p.train_encoder
+        u = cfg.update.params
+        assert (u.ent_coef, u.inner_epochs, u.gamma, u.lam) == (0.1, 10, 0.99, 0.95)
+        assert cfg.sampler.params.stop_forcing and cfg.sampler.params.remove_rule == "lilgym-2023"
+        assert cfg.run.prompts_per_iteration * cfg.run.iterations >= 500_000  # episodes: about 4M env steps
+    else:
+        assert p.pretrained == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_sentence_encoder_accepts_local_folders_and_hub_ids_only():
+    LilGymCNNConfig(sentence_encoder="assets/tiny-gpt2").check()
+    LilGymCNNConfig(sentence_encoder="bert-base-uncased").check()
+    LilGymCNNConfig(sentence_encoder="google/bert_uncased_L-2_H-128_A-2").check()
+    for bad in ("assets/no-such-model", "not a hub id", "a/b/c"):
+        with pytest.raises(ConfigError, match="neither a transformers model folder"):
+            LilGymCNNConfig(sentence_encoder=bad).check()
+    with pytest.raises(ConfigError, match="remove_rule 'lilgym-2022'.*lilgym-2023"):
+        LilGymSamplerConfig(task="ScatterScratch", split="dev", remove_rule="lilgym-2022").check()

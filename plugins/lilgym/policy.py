@@ -25,6 +25,7 @@ uint8, ``action_masks [B, T, A]`` bool, ``actions [B, T]`` long, ``sentence_ids 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -56,7 +57,8 @@ class LilGymCNNConfig:
     appearance: Literal["tower", "scatter"] = "tower"
     """Which action set the policy acts in: tower (13 actions) or scatter (2661)."""
     sentence_encoder: str = "assets/tiny-gpt2"
-    """A transformers model folder (loaded with AutoModel/AutoTokenizer) that encodes the sentence."""
+    """The transformers model (loaded with AutoModel/AutoTokenizer) that encodes the sentence: a local
+    folder, or a Hub id such as 'bert-base-uncased' (lilGym's C3+BERT baseline; downloaded on first use)."""
     train_encoder: bool = False
     """Fine-tune the sentence encoder too (False: frozen, as the C3+BERT baseline)."""
     max_sentence_tokens: int = 64
@@ -81,11 +83,20 @@ class LilGymCNNConfig:
         from polyrl.paths import resolve_path
 
         path = Path(resolve_path(self.sentence_encoder))
-        if not (path / "config.json").is_file():
+        if (path / "config.json").is_file():
+            return
+        owner = self.sentence_encoder.split("/")[0]
+        if path.exists() or not _HUB_ID.fullmatch(self.sentence_encoder) or (
+                "/" in self.sentence_encoder and Path(resolve_path(owner)).is_dir()):  # a local folder's path
             raise ConfigError(
-                f"policy.sentence_encoder: {self.sentence_encoder!r} is not a transformers model folder (no config.json); "
-                "accepted: a local folder such as 'assets/tiny-gpt2' or any encoder saved with save_pretrained"
+                f"policy.sentence_encoder: {self.sentence_encoder!r} is neither a transformers model folder (with "
+                "config.json) nor a Hub id; accepted: a local folder such as 'assets/tiny-gpt2', any encoder saved "
+                "with save_pretrained, or a Hub id such as 'bert-base-uncased' or 'org/name'"
             )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
+"""A Hugging Face Hub model id: ``name`` or ``owner/name``."""
 
 
 def _masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
