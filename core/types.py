@@ -339,12 +339,15 @@ class Reward:
 
 
 class Update:
-    """The learning algorithm. ``step(trainer, rollout, rewards) -> metrics``.
+    """The learning algorithm. ``step(ctx, rollout, rewards) -> metrics``.
 
-    ``trainer`` is the loop's :class:`polyrl.loop.Trainer` (accelerator, wrapped policy,
-    optimizer, configuration). ``rewards`` is ``[B]`` for this process's samples. Updates that
-    need cross-process statistics gather them with ``trainer.accelerator``. Any state that must
-    survive a resume (statistics trackers, adaptive coefficients) goes in ``state_dict``.
+    ``ctx`` is a :class:`polyrl.context.UpdateContext`: the accelerator, the prepared model (call
+    it for log-probs with gradients), the unwrapped policy, the run config, seeded generators,
+    ``backward``, ``optimizer_step``, ``accumulate`` (the micro-batches of one optimizer step, with
+    gradient sync and loss scaling handled in one place) and ``sample_and_score``. ``rewards`` is
+    ``[B]`` (or ``[B, T]`` per step) for this process's samples. Updates that need cross-process
+    statistics gather them with ``ctx.accelerator``. Any state that must survive a resume
+    (statistics trackers, adaptive coefficients) goes in ``state_dict``.
     """
 
     def setup(self, trainer: Any) -> None:
