@@ -5,8 +5,9 @@ For each task, this script
 1. evaluates random policies (uniform over the valid actions, and uniform over all actions) on
    every example of the evaluation split, without stop forcing, with three seeds;
 2. trains each agent with ``polyrl.loop.train`` (the loop ``polyrl train`` runs) from its config
-   in ``configs/``, timing the CPU it uses and counting the environment steps of training;
-3. evaluates the trained agent the same way (greedy, and sampled with three seeds);
+   in ``configs/``, once per seed (``run.seed``, three seeds), timing the CPU each run uses and
+   counting its environment steps of training;
+3. evaluates each trained agent the same way (greedy, and sampled with the run's seed);
 
 and writes a markdown table (``--out``, default ``docs/lilgym_results.md``) with the raw numbers in
 ``RUN_DIR/results.json``.
@@ -41,8 +42,8 @@ AGENTS = {
     "TowerScratch": [("CNN + sentence encoder, PPO", "configs/lilgym_tower_scratch.yaml"),
                      ("causal LM (tiny GPT-2), GRPO", "configs/lilgym_lm_tower_scratch.yaml")],
     "TowerFlipIt": [("CNN + sentence encoder, PPO", "configs/lilgym_tower_flipit.yaml")],
-    "ScatterScratch": [],
-    "ScatterFlipIt": [],
+    "ScatterScratch": [("CNN + sentence encoder, PPO", "configs/lilgym_scatter_scratch.yaml")],
+    "ScatterFlipIt": [("CNN + sentence encoder, PPO", "configs/lilgym_scatter_flipit.yaml")],
 }
 
 
@@ -86,23 +87,44 @@ NOTES = """
   trains on the start worlds of one side of a fixed partition of the dev statements (`statements: fit`, by a
   hash of the sentence) and every FlipIt number above is measured on the other side (`statements: heldout`).
   With lilGym's FlipIt train split in the data folder, set `sampler.split: train, sampler.statements: all`.
-- **TowerScratch**: under lilGym's rewards, stopping at once (return -0.95; 2.5% of the dev statements hold on
-  the empty world) is worth more than wandering (random: about -1.1), and building the world a statement asks
-  for pays only to an agent that understands the statement. Within this CPU budget the CNN agent does not
-  learn that: it improves its return over random by learning to stop early, which lowers its success rate.
-  Variants run separately on similar budgets (up to about 150 iterations; not rerun by this script) did no
-  better on dev without stop forcing: no stop forcing (collapses to stopping at once), stop forcing without
-  recording the forced STOP (reaches a goal state in 60% of training episodes but never stops by itself: 0%),
-  a curriculum from stop forcing to none, a lower STOP prior (`policy.initial_stop_logit`). lilGym's own PPO
-  baselines train for millions of steps with BERT or ViLT features.
+- **TowerScratch, why PPO learns to stop early** (train split, 1,000 episodes per row, seed 0):
+
+  | policy | return, no stop forcing | success, no stop forcing | return, stop forcing | success, stop forcing |
+  |---|---|---|---|---|
+  | STOP at once | -0.95 | 2.7% | -0.95 | 2.7% |
+  | uniform over valid actions | -1.06 | 12.4% | -0.55 | 37.8% |
+  | 1 random ADD, then STOP | -0.86 | 12.0% | -0.85 | 12.2% |
+  | 3 random ADDs, then STOP | -0.87 | 21.4% | -0.75 | 25.9% |
+  | 10 random ADDs, then STOP | -1.18 | 40.8% | -0.45 | 61.5% |
+
+  Without stop forcing, the return (what PPO maximises) ranks short episodes first while the success rate ranks
+  long ones first: a sentence-blind "10 ADDs, then STOP" succeeds 15 times as often as STOP at once but returns
+  less, because nine more step penalties cost more than the extra successes bring. With stop forcing, a STOP the
+  agent chooses itself always gets -1 (where the goal holds, the environment stops first), so only an agent that
+  keeps building gains from it; the factorised policy starts with STOP at probability 1/2 on the empty world
+  (1/3 later), its own episodes end in its own STOP after about 2.5 steps, and the continuation is worth less than
+  STOP at once: every variant below drifts to stopping sooner. Runs of one seed, 150 iterations of 32 episodes
+  (dev, greedy / sampled): no stop forcing with entropy 0.1: 2.5% / 7.4%; stop forcing in half of the episodes
+  (`stop_forcing_fraction: 0.5`) with entropy 0.1: 2.5% / 8.0%; the config above (stop forcing, forced STOP
+  recorded, entropy 0.01, 100 iterations): 2.5% / 3.3%. The untrained agent samples 6.6% (8.0, 3.7, 8.0).
+  Earlier variants (not rerun by this script): no stop forcing, stop forcing without recording the forced STOP
+  (0%: never stops by itself), a curriculum from stop forcing to none, a lower STOP prior. None is above the
+  uniform-valid baseline on this budget; lilGym's baselines train for 4M env steps (see above).
 - **TowerFlipIt**: stopping at once always fails (the start world has the wrong value), so changing the world
   pays off early and PPO improves the success rate well beyond random on statements it never saw.
 - **Language-model agent**: the tiny GPT-2 of `assets/` was trained on product reviews; it writes review prose,
   never a parsable action, so every episode ends on its first turn with -1, every group has equal rewards and
   GRPO's advantages are zero: it cannot start learning. The agent (multi-turn prompts, parsing, per-token
   rewards, recomputed log-probs) works with any causal LM folder (`policy.pretrained`).
-- **Scatter**: random baselines only (the CPU budget of this machine did not allow training on the 2661-action
-  tasks).
+- **Scatter**: the uniform-valid baseline almost never succeeds because STOP is 1 of up to 2,661 valid actions
+  (it wanders until the horizon). The CNN agent's factorised distribution picks the action type first, so it
+  STOPs at a rate it learns; trained as the paper's baseline (stop forcing with the forced STOP recorded,
+  entropy 0.1) for 20 iterations of 32 episodes it builds and stops.
+- **Scatter REMOVE rules** (`sampler.remove_rule`): `lilgym-2023` (default), the rules of the code the paper's
+  results come from, where REMOVE is valid only at an item's top-left cell and removes nothing in the middle and
+  right boxes; `lilgym-2024`, lilGym's later rules (valid wherever an item covers the cell, in every box). On the
+  313 ScatterFlipIt dev start worlds, no REMOVE is valid in 240 under `lilgym-2023` (and one that changes the world
+  exists in 23), against 0 and 313 under `lilgym-2024`. Every number on this page uses `lilgym-2023`.
 - Data: lilGym's JSON files (MIT; NLVR sentences and worlds CC-BY-4.0), read from the shared data folder.
 """
 
@@ -187,8 +209,10 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
         "Success rate: the fraction of episodes that end with a positive reward (a STOP while the",
         "statement's program has the target value), over every example of the evaluation split, once each,",
         "**without stop forcing** (lilGym's test-time protocol). *Greedy* takes the most likely action;",
-        "*sampled* draws from the policy (mean of seeds " + ", ".join(map(str, args.seeds)) + "). Training",
-        "env steps and CPU time are those of the `polyrl train` run of the config (CPU seconds of the process).",
+        "*sampled* draws from the policy. Random policies: mean of seeds " + ", ".join(map(str, args.seeds)) + ";",
+        "trained agents: one training run per seed (`run.seed` " + ", ".join(map(str, args.seeds)) + "), each evaluated",
+        "greedy and sampled; the mean, then each seed's number in parentheses. Training env steps and CPU time",
+        "are per training run (mean over the seeds; CPU seconds of the process).",
         "",
     ]
     for task, rows in results["tasks"].items():
@@ -199,6 +223,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in rows:
             greedy = "n/a" if r["greedy"] is None else f"{100 * r['greedy']:.1f}%"
+            if r.get("greedy_per_seed"):
+                greedy += " (" + ", ".join(f"{100 * g:.1f}" for g in r["greedy_per_seed"]) + ")"
             sampled = f"{100 * r['sampled_mean']:.1f}% (" + ", ".join(f"{100 * s:.1f}" for s in r["sampled"]) + ")"
             cpu = "-" if not r["train_cpu_s"] else f"{r['train_cpu_s'] / 60:.1f} min"
             steps = "-" if not r["train_env_steps"] else f"{r['train_env_steps']:,}"
@@ -236,15 +262,29 @@ def main(argv: list[str] | None = None) -> int:
             if not (REPO / config).is_file():
                 print(f"lilgym_results: {config} not found, skipping {label}", file=sys.stderr)
                 continue
-            run_dir = runs / Path(config).stem
-            if run_dir.exists():
-                import shutil
+            per_seed = []
+            for seed in args.seeds:
+                run_dir = runs / f"{Path(config).stem}-seed{seed}"
+                if run_dir.exists():
+                    import shutil
 
-                shutil.rmtree(run_dir)
-            policy, info = train_agent(config, run_dir, args.override)
-            ev = evaluate(policy, task, args.seeds, lm="_lm_" in config)
-            rows.append({"agent": label, "config": f"`{config}`", **ev, **info})
-            print(f"{task} {label}: {ev} {info}", file=sys.stderr)
+                    shutil.rmtree(run_dir)
+                policy, info = train_agent(config, run_dir, [f"run.seed={seed}", *args.override])
+                ev = evaluate(policy, task, [seed], lm="_lm_" in config)
+                per_seed.append({**ev, **info})
+                print(f"{task} {label} seed {seed}: {ev} {info}", file=sys.stderr)
+            rows.append({
+                "agent": label, "config": f"`{config}`", "seeds": list(args.seeds),
+                "greedy": statistics.mean(r["greedy"] for r in per_seed),
+                "greedy_per_seed": [r["greedy"] for r in per_seed],
+                "sampled_mean": statistics.mean(r["sampled_mean"] for r in per_seed),
+                "sampled": [r["sampled_mean"] for r in per_seed],
+                "return": statistics.mean(r["return"] for r in per_seed),
+                "episodes": per_seed[0]["episodes"],
+                "train_env_steps": int(statistics.mean(r["train_env_steps"] for r in per_seed)),
+                "train_cpu_s": statistics.mean(r["train_cpu_s"] for r in per_seed),
+                "per_seed": per_seed,
+            })
         results["tasks"][task] = rows
         runs.mkdir(parents=True, exist_ok=True)
         (runs / "results.json").write_text(json.dumps(results, indent=2))
