@@ -325,3 +325,74 @@ def test_flow_updates_train_on_the_tiny_world(tmp_path, name, update, sampler):
     assert lora_b and max(v.abs().max().item() for v in lora_b) > 0
     pipe = StableDiffusion3Pipeline.from_pretrained(TINY_FLOW, text_encoder_3=None, tokenizer_3=None)
     pipe.load_lora_weights(str(run / "policy"))
+
+
+# ------------------------------------------------------------------------------ the FLUX layout
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A FluxPipeline folder with random weights in the real format: a 1+1-block FluxTransformer2DModel
+    with a guidance embedding on 2x2-packed latents, the tiny SD's VAE and CLIP text encoder, a
+    1-layer T5 encoder with a Unigram tokenizer, FLUX's resolution-dependent shift."""
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    words = "a red green blue yellow purple circle square triangle star on the left right top bottom center at in".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    torch.manual_seed(0)
+    sd = ROOT / "assets" / "tiny-sd"
+    vae = AutoencoderKL.from_pretrained(sd / "vae")
+    vae.register_to_config(shift_factor=0.08)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+        vae=vae, text_encoder=CLIPTextModel.from_pretrained(sd / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(sd / "tokenizer"),
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                               num_heads=4, pad_token_id=0, eos_token_id=1)),
+        tokenizer_2=T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                    extra_ids=0),
+        transformer=FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                           pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+    )
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.slow
+def test_flux_layout_sampling_log_probs_and_lora(tiny_flux, tmp_path):
+    from diffusers import FluxPipeline
+
+    pol = FlowPolicy(FlowPolicyConfig(pretrained=str(tiny_flux), lora_rank=2, max_sequence_length=12))
+    assert pol.layout == "flux" and pol.latent_shape(64, 64) == (16, 16)
+    # the ODE with the embedded guidance is FluxPipeline's sampling, the resolution-dependent shift included
+    ode = FlowSDESampler(FlowSDESamplerConfig(num_steps=3, noise_level=0.0, guidance_scale=3.5, height=64, width=64))
+    ours = ode.sample(pol, contexts(PROMPTS[:2]), torch.Generator().manual_seed(7))
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.set_progress_bar_config(disable=True)
+    init = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(7))  # packed latents
+    with torch.no_grad():
+        theirs = pipe(PROMPTS[:2], num_inference_steps=3, guidance_scale=3.5, height=64, width=64, latents=init,
+                      output_type="pt", max_sequence_length=12).images
+    torch.testing.assert_close(ours.outputs["images"], theirs.float(), atol=1e-4, rtol=1e-4)
+    # SDE rollouts are rescored exactly; the LoRA (joint and single blocks) loads with FluxPipeline
+    sde = FlowSDESampler(FlowSDESamplerConfig(num_steps=3, guidance_scale=3.5, height=64, width=64))
+    rollout = sde.sample(pol, contexts(PROMPTS[:2]), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(pol(rollout), rollout.log_probs, atol=1e-4, rtol=1e-5)
+    perturb_lora(pol)
+    pol.save_pretrained(str(tmp_path))
+    pipe.load_lora_weights(str(tmp_path))
+    emb = pol.encode_prompts(PROMPTS[:2])
+    pol.set_latent_grid(64, 64)
+    with torch.no_grad():
+        v_ours = pol.velocity(init, torch.tensor([0.9, 0.4]), emb, None, 3.5)
+        pol.transformer, saved = pipe.transformer, pol.transformer
+        try:
+            v_theirs = pol.velocity(init, torch.tensor([0.9, 0.4]), emb, None, 3.5)
+        finally:
+            pol.transformer = saved
+    torch.testing.assert_close(v_theirs, v_ours, atol=1e-5, rtol=1e-5)
