@@ -396,6 +396,8 @@ CAPABILITIES: dict[str, str] = {
     "lilgym_text_actions": "policy: a language model that writes lilGym actions as text",
     "box_actions": "policy: continuous actions for a gymnasium Box action space",
     "dataset_resets": "sampler: resets samples to prefixes of dataset responses (DR-PO)",
+    "flow_step_means": "policy: forward(..., with_mean=True) returns each SDE step's mean (Flow-GRPO's KL)",
+    "flow_velocity": "policy: forward(..., velocity_at=(x, sigma)) returns the velocity at given latents (DiffusionNFT)",
 }
 
 
