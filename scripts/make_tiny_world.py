@@ -818,6 +818,10 @@ def save_flow(folder: Path, vae, transformer, text_encoder, tokenizer_src: Path)
         tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    for part in folder.glob("*/config.json"):  # no path of the machine that made the folder
+        cfg = json.loads(part.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            part.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for name in ("tokenizer", "tokenizer_2"):
         _copy_tokenizer(tokenizer_src, folder / name)
         cfg_path = folder / name / "tokenizer_config.json"
