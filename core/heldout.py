@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .prompts import PromptSource
-from .scoring import score
+from .scoring import evaluating, score
 from .types import Context
 
 
@@ -42,9 +42,7 @@ class HeldOut:
         names = [name for name, _, _ in self.rewards]
         weights = torch.tensor([w for _, w, _ in self.rewards], dtype=torch.float64)
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per reward, then the count
-        modes = [(m, m.training) for m in trainer.policy.modules()]
-        trainer.policy.eval()
-        try:
+        with evaluating(trainer.policy):
             for k in range(0, len(mine), self.config.batch):
                 g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + acc.process_index * 7919 + k)
                 with torch.no_grad(), acc.autocast():
@@ -54,9 +52,6 @@ class HeldOut:
                     v = out.components[name]
                     sums[i] += (v.sum(1) if v.dim() == 2 else v).double().sum()
                 sums[-1] += rollout.batch_size
-        finally:
-            for m, mode in modes:
-                m.training = mode
         if acc.num_processes > 1:
             sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
         means = sums[:-1] / sums[-1].clamp(min=1)

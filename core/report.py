@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from . import atomic
-from .scoring import score
+from .scoring import evaluating, score
 from .types import Context
 
 N_REPORT_SAMPLES = 8
@@ -63,19 +63,12 @@ def record_samples(trainer: Any, tag: int) -> None:
     contexts = [Context(prompt=rows[i % len(rows)][0], group=i, extra=dict(rows[i % len(rows)][1]))
                 for i in range(min(N_REPORT_SAMPLES, max(len(rows), 4)))]
     g = torch.Generator().manual_seed(trainer.config.run.seed + 12345)
-    # every module's own mode is restored afterwards (frozen parts stay in eval mode), so recording
-    # samples leaves no trace in training: a resumed run is exact with or without the report
-    modes = [(m, m.training) for m in trainer.policy.modules()]
-    trainer.policy.eval()
-    try:
-        with torch.no_grad(), trainer.accelerator.autocast():
-            rollout = trainer.sampler.sample(trainer.policy, contexts, g)
-        scored = score(trainer.rewards, rollout)  # the same scoring path as training
-        # per-step rewards: the episode return
-        scores = {name: (v.sum(1) if v.dim() == 2 else v).tolist() for name, v in scored.components.items()}
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    # recording samples leaves no trace in training: a resumed run is exact with or without the report
+    with evaluating(trainer.policy), torch.no_grad(), trainer.accelerator.autocast():
+        rollout = trainer.sampler.sample(trainer.policy, contexts, g)
+    scored = score(trainer.rewards, rollout)  # the same scoring path as training
+    # per-step rewards: the episode return
+    scores = {name: (v.sum(1) if v.dim() == 2 else v).tolist() for name, v in scored.components.items()}
     record: dict[str, Any] = {"iteration": tag, "prompts": [c.prompt for c in contexts], "rewards": scores}
     images, grid_png = None, None
     if "images" in rollout.outputs:

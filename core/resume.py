@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .checkpoint import latest_checkpoint, read_trainer_json
-from .config import RunConfig
+from .config import RunConfig, _short
 from .errors import ResumeError
 
 REFUSED = ("policy", "run.seed", "run.prompts_per_iteration", "run.samples_per_prompt")
@@ -33,11 +33,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     return {prefix[:-1]: data}
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:48] + "..."
 
 
 def check_resume(config: RunConfig) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .config import _short
 from .types import ConfigError
 
 MAX_BYTES = 1 << 20
@@ -111,11 +112,6 @@ def _check_size(root: Node, name: str | None) -> None:
         return total
 
     size(root, 0)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 12] + f"... ({len(text)} chars)"
 
 
 def loads(text: str, name: str = "<string>") -> Any:

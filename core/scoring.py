@@ -3,11 +3,26 @@ rollout through :func:`score`, so a reward means the same number everywhere."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .types import RewardOutput, Rollout
+
+
+@contextlib.contextmanager
+def evaluating(policy: torch.nn.Module) -> Iterator[None]:
+    """``policy`` in eval mode, and afterwards every module's own train/eval mode back (frozen parts
+    stay in eval mode), so that sampling for the report or an evaluation leaves training exactly as
+    it was."""
+    modes = [(m, m.training) for m in policy.modules()]
+    policy.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def score(rewards: Sequence[tuple[str, float, Any]], rollout: Rollout) -> RewardOutput:

@@ -199,19 +199,12 @@ class ClipScoreConfig:
         check_model_reference(self.model, self.pretrained, "clip_score")
 
 
-class ClipScore(Reward):
-    """``scale · cos(CLIP_image(image), CLIP_text(template(prompt)))`` per sample, ``[B]``,
-    computed batched under ``no_grad`` on the policy's device (or the CPU without a policy)."""
+class OpenClipEmbeddings:
+    """Batched, L2-normalised open_clip embeddings, text embeddings cached per text (prompts repeat).
 
-    reads = "images"
-
-    def __init__(self, cfg: ClipScoreConfig, device: torch.device | str = "cpu") -> None:
-        self.cfg = cfg
-        self.device = torch.device(device)
-        cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
-        with model_load_errors("rewards.clip_score.model", _shown(cfg.model, cfg.pretrained), _OPEN_CLIP):
-            self.clip, self.tokenizer, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
-        self._text_cache: dict[str, torch.Tensor] = {}
+    The class using it sets ``clip`` (an open_clip model), ``tokenizer``, ``preprocess`` (a callable
+    from images ``[B, 3, H, W]`` in [0, 1] to the model's input), ``device``, ``cfg.batch_size`` and
+    ``_text_cache = {}``."""
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -229,6 +222,21 @@ class ClipScore(Reward):
             emb = F.normalize(self.clip.encode_text(self.tokenizer(chunk).to(self.device)).float(), dim=-1)
             self._text_cache.update(zip(chunk, emb))
         return torch.stack([self._text_cache[t] for t in texts])
+
+
+class ClipScore(OpenClipEmbeddings, Reward):
+    """``scale · cos(CLIP_image(image), CLIP_text(template(prompt)))`` per sample, ``[B]``,
+    computed batched under ``no_grad`` on the policy's device (or the CPU without a policy)."""
+
+    reads = "images"
+
+    def __init__(self, cfg: ClipScoreConfig, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
+        with model_load_errors("rewards.clip_score.model", _shown(cfg.model, cfg.pretrained), _OPEN_CLIP):
+            self.clip, self.tokenizer, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> torch.Tensor:

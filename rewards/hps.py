@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from polyrl.paths import model_load_errors, resolve_path
 from polyrl.types import ConfigError, Reward, Rollout
 
+from .clip_score import OpenClipEmbeddings
+
 __all__ = [
     "HPSConfig",
     "HPSReward",
@@ -234,7 +236,7 @@ class HPSConfig:
         check_architecture(self.architecture, "hps.architecture")
 
 
-class HPSReward(Reward):
+class HPSReward(OpenClipEmbeddings, Reward):
     """HPS of each image with its prompt, ``[B]``: the cosine of the fine-tuned CLIP's image and
     text embeddings, computed batched under ``no_grad`` on the policy's device."""
 
@@ -247,6 +249,7 @@ class HPSReward(Reward):
         with model_load_errors("rewards.hps.checkpoint", cfg.checkpoint, "a local checkpoint file"):
             path = fetch_hub_file(cfg.checkpoint, cache, "hps.checkpoint")
         self.model, self.tokenizer = load_hps_model(path, cfg.architecture, self.device)
+        self.clip = self.model  # for the shared embedding methods
         pre = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         size = getattr(self.model.visual, "image_size", 224)
         self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -257,21 +260,6 @@ class HPSReward(Reward):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The authors' scoring transform on a float batch in ``[0, 1]``."""
         return resize_longest_pad(images, self.size, self.mean, self.std)
-
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        out = [F.normalize(self.model.encode_image(self.preprocess(c.to(self.device))).float(), dim=-1)
-               for c in images.split(self.cfg.batch_size)]
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        for i in range(0, len(todo), self.cfg.batch_size):
-            chunk = todo[i : i + self.cfg.batch_size]
-            emb = F.normalize(self.model.encode_text(self.tokenizer(chunk).to(self.device)).float(), dim=-1)
-            self._text_cache.update(zip(chunk, emb))
-        return torch.stack([self._text_cache[t] for t in texts])
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> torch.Tensor:
