@@ -28,6 +28,19 @@ def check_batching(name: str, batch_size: int, train_batch_size: int, accumulati
         )
 
 
+def checked_clip_bounds(clip_range: float, epsilon_low: float | None, epsilon_high: float | None) -> tuple[float, float]:
+    """``(epsilon_low, epsilon_high)`` with ``clip_range`` filling the unset ones, checked."""
+    if clip_range <= 0:
+        raise ConfigError(f"update.clip_range must be > 0, got {clip_range}")
+    low = clip_range if epsilon_low is None else epsilon_low
+    high = clip_range if epsilon_high is None else epsilon_high
+    if not 0 <= low < 1:
+        raise ConfigError(f"update.epsilon_low must be in [0, 1) (the ratio's lower clip is 1 - epsilon_low), got {low}")
+    if high < 0:
+        raise ConfigError(f"update.epsilon_high must be >= 0, got {high}")
+    return low, high
+
+
 def windows(perm: torch.Tensor, train_batch_size: int, accumulation: int) -> Iterator[list[torch.Tensor]]:
     """Split a permutation of sample indices into accumulation windows of micro-batches."""
     micro = list(perm.split(train_batch_size))

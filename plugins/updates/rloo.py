@@ -30,7 +30,7 @@ import torch
 from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout, Update
 
-from .common import check_batching, sequence_rewards, windows
+from .common import check_batching, checked_clip_bounds, sequence_rewards, windows
 
 
 @dataclass
@@ -60,22 +60,14 @@ class RLOOConfig:
     def check(self) -> None:
         if self.kl_coef < 0:
             raise ConfigError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
-        if self.clip_range <= 0:
-            raise ConfigError(f"update.clip_range must be > 0, got {self.clip_range}")
-        low, high = self.clip_bounds
-        if not 0 <= low < 1:
-            raise ConfigError(f"update.epsilon_low must be in [0, 1) (the ratio's lower clip is 1 - epsilon_low), got {low}")
-        if high < 0:
-            raise ConfigError(f"update.epsilon_high must be >= 0, got {high}")
+        self.clip_bounds  # checks clip_range, epsilon_low and epsilon_high
         if self.inner_epochs < 1:
             raise ConfigError(f"update.inner_epochs must be >= 1, got {self.inner_epochs}")
 
     @property
     def clip_bounds(self) -> tuple[float, float]:
         """``(epsilon_low, epsilon_high)`` with ``clip_range`` filling the unset ones."""
-        low = self.clip_range if self.epsilon_low is None else self.epsilon_low
-        high = self.clip_range if self.epsilon_high is None else self.epsilon_high
-        return low, high
+        return checked_clip_bounds(self.clip_range, self.epsilon_low, self.epsilon_high)
 
     def check_run(self, cfg: Any) -> None:
         if cfg.run.samples_per_prompt < 2:
