@@ -13,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["ddim_std", "ddim_step_with_logprob"]
+__all__ = ["ddim_std", "ddim_step_with_logprob", "previous_timesteps"]
 
 
 def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -21,27 +21,42 @@ def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (ndim - 1)))
 
 
-def _alphas(scheduler, timestep: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ᾱ_t, ᾱ_prev)``, each ``[B]`` float32 on ``device``, for integer timesteps ``[B]``.
-
-    The previous timestep is ``t − num_train_timesteps // num_inference_steps``; where it is
-    negative (the last step), ``ᾱ_prev`` is the scheduler's ``final_alpha_cumprod`` (1 when
-    ``set_alpha_to_one``, else ``ᾱ_0``), as in diffusers.
-    """
+def previous_timesteps(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """The timestep each DDIM step lands on, ``t − num_train_timesteps // num_inference_steps``
+    (negative after the last step), for timesteps of the schedule ``scheduler.set_timesteps`` made.
+    The sampler records them, so that rescoring a step never reads the scheduler's mutable
+    ``num_inference_steps``."""
     if scheduler.num_inference_steps is None:
         raise ValueError("the scheduler has no inference steps: call scheduler.set_timesteps(num_steps) first")
+    return timesteps.to(torch.long) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def _alphas(scheduler, timestep: torch.Tensor, device: torch.device,
+            prev_timestep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ᾱ_t, ᾱ_prev)``, each ``[B]`` float32 on ``device``, for integer timesteps ``[B]``.
+
+    The previous timestep is ``prev_timestep`` when given, else (diffusers' rule)
+    ``t − num_train_timesteps // num_inference_steps``; where it is negative (the last step),
+    ``ᾱ_prev`` is the scheduler's ``final_alpha_cumprod`` (1 when ``set_alpha_to_one``, else
+    ``ᾱ_0``), as in diffusers. Only the scheduler's fixed schedule (``alphas_cumprod``,
+    ``final_alpha_cumprod``) is read when ``prev_timestep`` is given.
+    """
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=device)
     t = timestep.to(device=device, dtype=torch.long)
-    prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    if prev_timestep is None:
+        prev = previous_timesteps(scheduler, t)
+    else:
+        prev = torch.as_tensor(prev_timestep, device=device).to(torch.long).expand_as(t)
     alpha_t = alphas_cumprod[t]
     alpha_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final)
     return alpha_t, alpha_prev
 
 
-def ddim_std(scheduler, timestep: torch.Tensor, eta: float) -> torch.Tensor:
+def ddim_std(scheduler, timestep: torch.Tensor, eta: float, prev_timestep: torch.Tensor | None = None) -> torch.Tensor:
     """``σ_t = η·sqrt((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev))`` for timesteps ``[B]`` (returns ``[B]``)."""
-    alpha_t, alpha_prev = _alphas(scheduler, torch.as_tensor(timestep).reshape(-1), torch.device("cpu"))
+    prev = None if prev_timestep is None else torch.as_tensor(prev_timestep).reshape(-1)
+    alpha_t, alpha_prev = _alphas(scheduler, torch.as_tensor(timestep).reshape(-1), torch.device("cpu"), prev)
     return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
 
 
@@ -54,13 +69,15 @@ def ddim_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    prev_timestep: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step ``x_t → x_prev`` and its log-probability (DDPO, Black et al. 2023).
 
     Args:
-        scheduler: a :class:`diffusers.DDIMScheduler` (or one with the same config fields) on
-            which ``set_timesteps(num_steps)`` has been called; only its schedule and config are
-            read, never its step state.
+        scheduler: a :class:`diffusers.DDIMScheduler` (or one with the same config fields); only
+            its fixed schedule (``alphas_cumprod``, ``final_alpha_cumprod``) and config are read,
+            and, when ``prev_timestep`` is not given, its ``num_inference_steps`` (set by
+            ``set_timesteps``).
         model_output: ``[B, C, H, W]`` the (guided) UNet output at ``(sample, timestep)``, read
             according to ``scheduler.config.prediction_type`` (``epsilon``, ``sample`` or
             ``v_prediction``).
@@ -74,6 +91,9 @@ def ddim_step_with_logprob(
             is drawn on the generator's device (a CPU generator for device-independent results)
             in float32 and then moved to ``sample``'s device.
         noise: ``[B, C, H, W]`` standard-normal ``z`` to use instead of drawing it.
+        prev_timestep: ``[B]`` the timesteps the steps land on (recorded by the sampler, see
+            :func:`previous_timesteps`); ``None`` computes them from the scheduler's
+            ``num_inference_steps`` as diffusers does.
 
     Returns:
         ``(prev_sample, log_prob)``: ``prev_sample`` ``[B, C, H, W]`` (the given one, or
@@ -91,7 +111,7 @@ def ddim_step_with_logprob(
     if t.shape != (b,):
         raise ValueError(f"timestep must be [B={b}] or a scalar, got {tuple(t.shape)}")
 
-    alpha_t, alpha_prev = _alphas(scheduler, t, sample.device)
+    alpha_t, alpha_prev = _alphas(scheduler, t, sample.device, prev_timestep)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.sqrt()
     alpha_t, alpha_prev = _per_sample(alpha_t, nd), _per_sample(alpha_prev, nd)

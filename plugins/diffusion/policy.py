@@ -12,176 +12,86 @@ operations the sampler and the updates share:
 
 from __future__ import annotations
 
-import contextlib
-
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from polyrl import ConfigError, Policy, Rollout
-from polyrl.paths import check_model_source, model_load_errors, resolve_path
+from polyrl import Rollout
+from polyrl.plugins.diffusers_base import DiffusersPolicy, DiffusersPolicyConfig
 
 from .ddim import ddim_step_with_logprob
 
 __all__ = ["DiffusionPolicy", "DiffusionPolicyConfig"]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-
-def _dtype_kwarg() -> str:
-    """``from_pretrained``'s dtype keyword: diffusers renamed ``torch_dtype`` to ``dtype`` (the old
-    name warns). Looked up when a pipeline loads, so that importing this module needs no diffusers."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:  # pragma: no cover - older diffusers
-        return "torch_dtype"
-    return "dtype"
-
 
 @dataclass
-class DiffusionPolicyConfig:
+class DiffusionPolicyConfig(DiffusersPolicyConfig):
     """A Stable Diffusion 1.x pipeline trained through a LoRA adapter on its UNet."""
 
     pretrained: str = "assets/tiny-sd"
     """Hub id or local folder of a Stable-Diffusion-1.x diffusers pipeline (e.g.
     ``CompVis/stable-diffusion-v1-4``). A relative folder is looked up in the current directory,
     then in the polyrl checkout."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of ``pretrained``; ignored for local folders."""
-    variant: str | None = None
-    """Weight variant to load (``fp16`` loads ``*.fp16.safetensors``); ``null`` for the default."""
     torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Storage dtype of the frozen weights (VAE, text encoder, UNet base weights). Trainable
     parameters (the LoRA, or the whole UNet with ``train_full_unet``) always stay float32."""
     lora_rank: int = 4
     """Rank ``r`` of the LoRA adapter on the UNet (DDPO uses 4)."""
-    lora_alpha: float | None = None
-    """LoRA scaling numerator ``alpha`` (the update is scaled by ``alpha / r``); ``null`` means
-    ``alpha = lora_rank``."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet module names that receive LoRA layers (the attention projections, as in DDPO)."""
     train_full_unet: bool = False
     """Train every UNet weight instead of a LoRA adapter (needs far more memory; no reference
     policy is available then, so KL-regularised updates cannot be used)."""
 
-    def check(self) -> None:
-        """Reject impossible settings before any model loads."""
-        check_policy_settings(self, "a Stable-Diffusion-1.x diffusers pipeline folder")
+    policy_name = "diffusion"
+    full_training_setting = "train_full_unet"
+    accepted_what = "a Stable-Diffusion-1.x diffusers pipeline folder"  # named by check(); not a setting
+    accepted_classes = ("StableDiffusionPipeline",)
+
+    @property
+    def uses_lora(self) -> bool:
+        return not self.train_full_unet
 
 
-def check_policy_settings(cfg, what: str) -> None:
-    """Checks shared by the diffusers-pipeline policy configs (``diffusion``, ``lcm``): the fields
-    ``pretrained``, ``lora_rank``, ``lora_alpha``, ``lora_target_modules``, ``train_full_unet``.
-    ``what`` names the accepted kind of folder in the error messages."""
-    if not cfg.pretrained:
-        raise ConfigError(f"policy.pretrained is empty: give a Hub id or {what}")
-    if cfg.lora_rank < 1:
-        raise ConfigError(f"policy.lora_rank must be >= 1, got {cfg.lora_rank}")
-    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
-        raise ConfigError(f"policy.lora_alpha must be > 0 (or null for lora_rank), got {cfg.lora_alpha}")
-    if not cfg.train_full_unet and not cfg.lora_target_modules:
-        raise ConfigError("policy.lora_target_modules is empty: name the UNet modules that get LoRA layers")
-    check_model_source(cfg.pretrained, "policy.pretrained", what)
-
-
-# ----------------------------------------------------------------------------------- loading
-def load_pipeline(config, pipeline_class: str = "StableDiffusionPipeline"):
-    """``<pipeline_class>.from_pretrained`` for ``config.pretrained`` with a clear error.
-
-    ``pipeline_class`` names a diffusers pipeline class (``StableDiffusionPipeline``,
-    ``LatentConsistencyModelPipeline``). The safety checker is never loaded (rewards see the raw
-    images).
-    """
-    import diffusers
-
-    cls = getattr(diffusers, pipeline_class)
-    source = resolve_path(config.pretrained)
-    local = Path(source).exists()
-    if local and not (Path(source) / "model_index.json").is_file():
-        raise ConfigError(
-            f"policy.pretrained: {source!r} is a folder but not a diffusers pipeline (no model_index.json); "
-            f"a Hub id or a diffusers pipeline folder loadable by {pipeline_class} is accepted"
-        )
-    with model_load_errors("policy.pretrained", config.pretrained, f"a local diffusers pipeline folder loadable by {pipeline_class}"):
-        return cls.from_pretrained(
-            source,
-            revision=None if local else config.revision,
-            variant=config.variant,
-            **{_dtype_kwarg(): _DTYPES[config.torch_dtype]},
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+_SD_LOAD_KWARGS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 # ----------------------------------------------------------------------------------- policy
-class DiffusionPolicy(Policy):
+class DiffusionPolicy(DiffusersPolicy):
     """A Stable Diffusion 1.x model as a policy over DDIM denoising steps.
 
     Registered submodules: ``unet`` (frozen base + trainable LoRA, or fully trainable), ``vae`` and
     ``text_encoder`` (frozen). Non-module attributes: ``tokenizer``, ``scheduler`` (a
     :class:`diffusers.DDIMScheduler` built from the checkpoint's scheduler config) and
-    ``pipeline`` (the diffusers pipeline sharing these modules, for plain inference).
+    ``pipeline`` (the diffusers pipeline sharing these modules, for plain inference). Loading, the
+    adapter, the reference policy and saving are :class:`~polyrl.plugins.diffusers_base.DiffusersPolicy`'s.
     """
 
-    modality = "image"
-    pipeline_class = "StableDiffusionPipeline"
-    """The diffusers pipeline class that loads ``config.pretrained``."""
+    load_as = "StableDiffusionPipeline"
+    denoiser_name = "unet"
+    load_kwargs = _SD_LOAD_KWARGS
 
-    def __init__(self, config: DiffusionPolicyConfig | None = None) -> None:
-        super().__init__()
-        self.config = config = config or DiffusionPolicyConfig()
-        pipe = load_pipeline(config, self.pipeline_class)
-        pipe.scheduler = self.make_scheduler(pipe.scheduler.config)
-        self.check_pipeline(pipe)
-        pipe.set_progress_bar_config(disable=True)
+    def __init__(self, config: DiffusionPolicyConfig | None = None, pipeline=None) -> None:
+        super().__init__(config or DiffusionPolicyConfig(), pipeline)
 
-        self.unet = pipe.unet
-        self.vae = pipe.vae
-        self.text_encoder = pipe.text_encoder
-        self.tokenizer = pipe.tokenizer
-        self.scheduler = pipe.scheduler
-        self.vae.requires_grad_(False).eval()
-        self.text_encoder.requires_grad_(False).eval()
-        self.unet.requires_grad_(False)
-        if config.train_full_unet:
-            self.unet.to(torch.float32).requires_grad_(True)
-            self.unet_dtype = torch.float32
-        else:
-            from peft import LoraConfig
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        """The dtype the UNet is called in (its frozen base weights' dtype)."""
+        return self.denoiser_dtype
 
-            self.unet.add_adapter(
-                LoraConfig(
-                    r=config.lora_rank,
-                    lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(config.lora_target_modules),
-                )
-            )
-            for p in self.unet.parameters():  # the adapter trains in float32 whatever the base dtype
-                if p.requires_grad:
-                    p.data = p.data.float()
-            self.unet_dtype = _DTYPES[config.torch_dtype]
-            if not self.trainable_parameters():
-                raise ConfigError(
-                    f"policy.lora_target_modules {list(config.lora_target_modules)} matched no UNet module"
-                )
-        # a plain attribute (DiffusionPipeline is not an nn.Module): not registered a second time
-        self.pipeline = pipe
-
-    def make_scheduler(self, config):
+    def make_scheduler(self, scheduler):
         """The scheduler the policy samples with, built from the checkpoint's scheduler config
         (a ``DDIMScheduler``)."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(config)
+        return DDIMScheduler.from_config(scheduler.config)
 
-    def check_pipeline(self, pipe) -> None:
-        """Reject a loaded pipeline this policy cannot train (subclasses add checks)."""
+    def lora_state_dict(self):
+        """The adapter under the key names of diffusers' SD-1.x LoRA format."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        return convert_state_dict_to_diffusers(super().lora_state_dict())
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -233,12 +143,7 @@ class DiffusionPolicy(Policy):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` float32 in ``[0, 1]`` from latents ``[B, C, h, w]``."""
-        vae = self.vae
-        z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            z = z + vae.config.shift_factor
-        image = vae.decode(z).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self.decode_latents(latents)
 
     def set_num_steps(self, num_steps: int) -> None:
         """Set the scheduler's number of inference steps (it fixes the previous-timestep gap)."""
@@ -251,7 +156,8 @@ class DiffusionPolicy(Policy):
 
         Args:
             rollout: a rollout from the ``ddim`` sampler: ``data`` holds ``latents`` and
-                ``next_latents`` ``[B, T, C, h, w]``, ``timesteps`` ``[B, T]``, ``prompt_embeds``
+                ``next_latents`` ``[B, T, C, h, w]``, ``timesteps`` and ``prev_timesteps`` ``[B, T]``
+                (each step's timestep and the one it lands on), ``prompt_embeds``
                 and ``negative_prompt_embeds`` ``[B, L, D]``; ``meta`` holds ``eta``,
                 ``guidance_scale`` and ``num_steps``.
             steps: ``None`` for all ``T`` steps, or a LongTensor ``[B, K]`` of step indices per
@@ -260,12 +166,15 @@ class DiffusionPolicy(Policy):
 
         Returns:
             ``[B, T]`` or ``[B, K]`` float32: ``log π(next_latents | latents)`` under the current
-            weights, the same quantity the sampler recorded in ``rollout.log_probs``.
+            weights, the same quantity the sampler recorded in ``rollout.log_probs``. The step
+            reads only the rollout and the scheduler's fixed schedule, never its mutable state.
         """
         data, meta = rollout.data, rollout.meta
         latents, next_latents, timesteps = data["latents"], data["next_latents"], data["timesteps"]
+        if "prev_timesteps" not in data:
+            raise ValueError("the rollout has no 'prev_timesteps': rescore rollouts recorded by the 'ddim' sampler")
+        prev_timesteps = data["prev_timesteps"]
         b, t_total = timesteps.shape
-        self.set_num_steps(int(meta["num_steps"]))
         device = self.device
         if steps is None:
             steps = torch.arange(t_total).expand(b, t_total)
@@ -281,52 +190,9 @@ class DiffusionPolicy(Policy):
             x = latents[rows, j].to(device)
             x_next = next_latents[rows, j].to(device)
             t = timesteps.to(latents.device)[rows, j].to(device)
+            t_prev = prev_timesteps.to(latents.device)[rows, j].to(device)
             eps = self.predict_noise(x, t, pos, neg, float(meta["guidance_scale"]))
-            _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, x, float(meta["eta"]), prev_sample=x_next)
+            _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, x, float(meta["eta"]), prev_sample=x_next,
+                                                 prev_timestep=t_prev)
             columns.append(log_prob)
         return torch.stack(columns, dim=1)
-
-    @contextlib.contextmanager
-    def adapter_disabled(self) -> Iterator[None]:
-        """Within this context the UNet runs without its LoRA adapter (the reference policy)."""
-        if self.config.train_full_unet:
-            raise NotImplementedError(
-                "the diffusion policy has no reference model with train_full_unet: true "
-                "(no adapter to disable); use a LoRA adapter for KL-regularised updates"
-            )
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
-
-    @torch.no_grad()
-    def reference_log_probs(self, rollout: Rollout, steps: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`forward` under the base model (LoRA adapter disabled), without gradients."""
-        with self.adapter_disabled():
-            return self.forward(rollout, steps)
-
-    # ------------------------------------------------------------------ saving
-    def save_pretrained(self, path: str) -> None:
-        """Write the trained weights where plain diffusers loads them.
-
-        LoRA: ``pytorch_lora_weights.safetensors`` in ``path``, for
-        ``StableDiffusionPipeline.from_pretrained(base).load_lora_weights(path)``. Full UNet:
-        ``path/unet`` for ``UNet2DConditionModel.from_pretrained(path, subfolder="unet")``.
-        """
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.config.train_full_unet:
-            self.unet.save_pretrained(out / "unet", safe_serialization=True)
-            return
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        lora = {k: v.detach().cpu().contiguous() for k, v in lora.items()}
-        type(self.pipeline).save_lora_weights(
-            save_directory=str(out),
-            unet_lora_layers=lora,
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
-            safe_serialization=True,
-        )

@@ -10,7 +10,7 @@ import torch
 
 from polyrl import ConfigError, Context, Rollout, Sampler
 
-from .ddim import ddim_step_with_logprob
+from .ddim import ddim_step_with_logprob, previous_timesteps
 
 __all__ = ["DDIMSampler", "DDIMSamplerConfig"]
 
@@ -74,7 +74,8 @@ class DDIMSampler(Sampler):
         Returns a :class:`Rollout` with
             ``log_probs`` ``[B, T]`` and ``mask`` ``[B, T]`` (all True);
             ``data``: ``latents`` / ``next_latents`` ``[B, T, C, h, w]`` (before / after each
-            step), ``timesteps`` ``[B, T]`` long, ``prompt_embeds`` / ``negative_prompt_embeds``
+            step), ``timesteps`` / ``prev_timesteps`` ``[B, T]`` long (each step's timestep and the
+            one it lands on), ``prompt_embeds`` / ``negative_prompt_embeds``
             ``[B, L, D]``;
             ``outputs["images"]`` ``[B, 3, H, W]`` float in ``[0, 1]``;
             ``meta`` = ``{"eta", "guidance_scale", "num_steps"}``.
@@ -92,6 +93,7 @@ class DDIMSampler(Sampler):
         policy.set_num_steps(n_steps)
         scheduler = policy.scheduler
         timesteps = scheduler.timesteps.to(device=device, dtype=torch.long)  # [T], descending
+        prev_timesteps = previous_timesteps(scheduler, timesteps)  # [T]: where each step lands
         c, h, w = policy.latent_shape
         gen_device = generator.device
         init = torch.randn((b, c, h, w), generator=generator, device=gen_device) * scheduler.init_noise_sigma
@@ -107,7 +109,8 @@ class DDIMSampler(Sampler):
             for i, t in enumerate(timesteps):
                 tt = t.expand(e - s)
                 eps = policy.predict_noise(x, tt, pos, neg, cfg.guidance_scale)
-                x_next, lp = ddim_step_with_logprob(scheduler, eps, tt, x, cfg.eta, noise=noise[s:e, i])
+                x_next, lp = ddim_step_with_logprob(scheduler, eps, tt, x, cfg.eta, noise=noise[s:e, i],
+                                                    prev_timestep=prev_timesteps[i].expand(e - s))
                 before.append(x)
                 after.append(x_next)
                 lps.append(lp)
@@ -121,6 +124,7 @@ class DDIMSampler(Sampler):
                     "latents": torch.stack(before, dim=1),
                     "next_latents": torch.stack(after, dim=1),
                     "timesteps": timesteps.expand(e - s, n_steps).clone(),
+                    "prev_timesteps": prev_timesteps.expand(e - s, n_steps).clone(),
                     "prompt_embeds": pos,
                     "negative_prompt_embeds": neg.contiguous(),
                 },

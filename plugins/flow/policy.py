@@ -20,23 +20,17 @@ transformer with the adapter disabled. :meth:`FlowPolicy.save_pretrained` writes
 
 from __future__ import annotations
 
-import contextlib
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from polyrl import ConfigError, Policy, Rollout
-from polyrl.paths import REPO_ROOT, resolve_path
+from polyrl import ConfigError, Rollout
+from polyrl.plugins.diffusers_base import DiffusersPolicy, DiffusersPolicyConfig
 
 from .sde import flow_noise_scale, sde_step_with_logprob
 
 __all__ = ["FlowPolicy", "FlowPolicyConfig", "LAYOUTS"]
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Pipeline class -> layout.
 LAYOUTS = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
@@ -47,7 +41,7 @@ DEFAULT_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn
 
 
 @dataclass
-class FlowPolicyConfig:
+class FlowPolicyConfig(DiffusersPolicyConfig):
     """A flow-matching text-to-image pipeline (SD3 or FLUX layout) trained through a LoRA adapter
     on its transformer's attention."""
 
@@ -55,15 +49,10 @@ class FlowPolicyConfig:
     """Hub id or local folder of a diffusers ``StableDiffusion3Pipeline`` or ``FluxPipeline``
     (e.g. ``stabilityai/stable-diffusion-3.5-medium``, ``black-forest-labs/FLUX.1-dev``). A
     relative folder is looked up in the current directory, then in the polyrl checkout."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of ``pretrained``; ignored for local folders."""
-    variant: str | None = None
-    """Weight variant to load (``fp16`` loads ``*.fp16.safetensors``); ``null`` for the default."""
     torch_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Storage dtype of the transformer's frozen base weights. The LoRA weights always train in
-    float32, and every SDE step and log-prob is computed in float32."""
-    frozen_dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    """Dtype of the frozen VAE and text encoders (``null``: ``torch_dtype``)."""
+    """Storage dtype of the transformer's frozen base weights (and of the VAE and text encoders
+    unless ``frozen_dtype`` is set). The LoRA weights always train in float32, and every SDE step
+    and log-prob is computed in float32."""
     lora_rank: int = 32
     """Rank ``r`` of the LoRA adapter (Flow-GRPO: 32)."""
     lora_alpha: float | None = 64.0
@@ -77,122 +66,37 @@ class FlowPolicyConfig:
     ``null``: the pipeline's default (SD3 256, FLUX 512) when it has a T5 encoder, 0 without one
     (an SD3 pipeline saved without T5, as the tiny flow model)."""
 
+    policy_name = "flow"
+    accepted_what = "a diffusers SD3 / FLUX pipeline folder"  # named by check(); not a setting
+    accepted_classes = tuple(LAYOUTS)
+
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
-        if not self.pretrained:
-            raise ConfigError("policy.pretrained is empty: give a Hub id or a diffusers SD3 / FLUX pipeline folder")
-        if self.lora_rank < 1:
-            raise ConfigError(f"policy.lora_rank must be >= 1, got {self.lora_rank}")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ConfigError(f"policy.lora_alpha must be > 0 (or null for lora_rank), got {self.lora_alpha}")
-        if not self.lora_target_modules:
-            raise ConfigError("policy.lora_target_modules is empty: name the transformer modules that get LoRA layers")
         if self.max_sequence_length is not None and not 0 <= self.max_sequence_length <= 512:
             raise ConfigError(f"policy.max_sequence_length must be in [0, 512] or null, got {self.max_sequence_length}")
-        source = Path(resolve_path(self.pretrained))
-        local = source.exists() or self.pretrained.startswith((".", "/", "~")) or self.pretrained.count("/") > 1
-        if local and not source.exists():
-            raise ConfigError(
-                f"policy.pretrained: no such folder {self.pretrained!r} (looked in {source.resolve()} and "
-                f"{REPO_ROOT / self.pretrained}); a Hub id (owner/name) or a diffusers SD3 / FLUX pipeline folder is accepted"
-            )
-        if source.is_dir():
-            index = source / "model_index.json"
-            if not index.is_file():
-                raise ConfigError(
-                    f"policy.pretrained: {self.pretrained!r} is a folder but not a diffusers pipeline (no model_index.json); "
-                    f"accepted: a folder of {sorted(LAYOUTS)}"
-                )
-            name = json.loads(index.read_text()).get("_class_name")
-            if name not in LAYOUTS:
-                raise ConfigError(
-                    f"policy.pretrained: {self.pretrained!r} holds a {name}; the flow policy accepts {sorted(LAYOUTS)} "
-                    "(use policy 'diffusion' for Stable Diffusion 1.x, 'lcm' for latent consistency models)"
-                )
+        super().check()
 
 
-def load_flow_pipeline(config: FlowPolicyConfig):
-    """The diffusers pipeline of ``config.pretrained`` (SD3 or FLUX layout), frozen parts in their
-    dtypes; components that the folder lists as null (an SD3 saved without T5) are passed as None."""
-    import diffusers
-    from diffusers import DiffusionPipeline
-
-    source = resolve_path(config.pretrained)
-    local = Path(source).exists()
-    kwargs: dict[str, Any] = {"revision": None if local else config.revision}
-    try:
-        index = DiffusionPipeline.load_config(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise OSError(
-            f"policy.pretrained: cannot load {config.pretrained!r}: not a local folder and not a reachable Hub pipeline "
-            f"({type(e).__name__}: {e}); accepted: a Hub id or a folder of {sorted(LAYOUTS)}"
-        ) from e
-    name = index.get("_class_name")
-    if name not in LAYOUTS:
-        raise ConfigError(f"policy.pretrained: {config.pretrained!r} is a {name}; the flow policy accepts {sorted(LAYOUTS)}")
-    nulls = {k: None for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
-    try:
-        from polyrl.plugins.diffusion.policy import _dtype_kwarg
-        dtype_key = _dtype_kwarg()
-    except ImportError:  # pragma: no cover
-        dtype_key = "torch_dtype"
-    pipe = getattr(diffusers, name).from_pretrained(
-        source, variant=config.variant, **{dtype_key: _DTYPES[config.torch_dtype]}, **kwargs, **nulls
-    )
-    frozen = _DTYPES[config.frozen_dtype or config.torch_dtype]
-    for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(pipe, part, None)
-        if module is not None:
-            if module.dtype != frozen:
-                module.to(frozen)
-            module.requires_grad_(False).eval()
-    return pipe, LAYOUTS[name]
-
-
-class FlowPolicy(Policy):
+class FlowPolicy(DiffusersPolicy):
     """A flow-matching transformer as a policy over Flow-GRPO's SDE steps.
 
     Registered submodules: ``transformer`` (frozen base + trainable LoRA), ``vae`` and the text
-    encoders (frozen). ``scheduler`` is the checkpoint's ``FlowMatchEulerDiscreteScheduler`` (its
-    shift settings give the sigmas); ``pipeline`` is the diffusers pipeline sharing the modules.
+    encoders (frozen, in ``frozen_dtype``). ``scheduler`` is the checkpoint's
+    ``FlowMatchEulerDiscreteScheduler`` (its shift settings give the sigmas); ``pipeline`` is the
+    diffusers pipeline sharing the modules. Loading, the adapter, the reference policy and saving
+    are :class:`~polyrl.plugins.diffusers_base.DiffusersPolicy`'s.
     """
 
-    modality = "image"
+    denoiser_name = "transformer"
 
     def __init__(self, config: FlowPolicyConfig | None = None, pipeline: Any = None) -> None:
-        super().__init__()
-        self.config = config = config or FlowPolicyConfig()
-        if pipeline is None:
-            pipe, layout = load_flow_pipeline(config)
-        else:  # an already built pipeline (tests, notebooks)
-            name = type(pipeline).__name__
-            if name not in LAYOUTS:
-                raise ConfigError(f"the flow policy accepts {sorted(LAYOUTS)}, got a {name}")
-            pipe, layout = pipeline, LAYOUTS[name]
-        pipe.set_progress_bar_config(disable=True)
-        self.layout = layout
-        self.transformer = pipe.transformer
-        self.vae = pipe.vae
-        self.text_encoder = pipe.text_encoder
-        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-        self.text_encoder_3 = getattr(pipe, "text_encoder_3", None)
-        self.scheduler = pipe.scheduler
-        self.transformer.requires_grad_(False)
-        from peft import LoraConfig
+        super().__init__(config or FlowPolicyConfig(), pipeline)
+        self.layout = LAYOUTS[type(self.pipeline).__name__]
 
-        self.transformer.add_adapter(LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
-            init_lora_weights="gaussian",
-            target_modules=list(config.lora_target_modules),
-        ))
-        for p in self.transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        if not self.trainable_parameters():
-            raise ConfigError(f"policy.lora_target_modules {list(config.lora_target_modules)} matched no transformer module")
-        self.transformer_dtype = _DTYPES[config.torch_dtype]
-        self.pipeline = pipe  # a plain attribute: DiffusionPipeline is not an nn.Module
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        """The dtype the transformer is called in (its frozen base weights' dtype)."""
+        return self.denoiser_dtype
 
     # ------------------------------------------------------------------ shapes and schedule
     @property
@@ -317,15 +221,9 @@ class FlowPolicy(Policy):
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` float32 in ``[0, 1]`` from the transformer's latents:
         unpacked (FLUX), ``z / scaling_factor + shift_factor``, VAE decoder."""
-        vae = self.vae
-        z = latents
         if self.layout == "flux":
-            z = self.pipeline._unpack_latents(z, height, width, self.vae_scale_factor)
-        z = z.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-        if getattr(vae.config, "shift_factor", None):
-            z = z + vae.config.shift_factor
-        image = vae.decode(z).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+            latents = self.pipeline._unpack_latents(latents, height, width, self.vae_scale_factor)
+        return self.decode_latents(latents)
 
     def set_latent_grid(self, height: int, width: int) -> None:
         """FLUX: remember the packed-latent grid ``(h/2, w/2)`` of the image size being sampled."""
@@ -409,42 +307,8 @@ class FlowPolicy(Policy):
         scale = float(meta["guidance_scale"]) if self.layout == "flux" else 1.0
         return self.velocity(latents.to(device), sigma.to(device), embeds, None, scale)
 
-    @contextlib.contextmanager
-    def adapter_disabled(self) -> Iterator[None]:
-        """Within this context the transformer runs without its LoRA adapter (the reference policy)."""
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
-
-    @torch.no_grad()
-    def reference_log_probs(self, rollout: Rollout, steps: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`forward` under the base model (LoRA adapter disabled), without gradients."""
-        with self.adapter_disabled():
-            return self.forward(rollout, steps)
-
     @torch.no_grad()
     def reference_step_outputs(self, rollout: Rollout, steps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """:meth:`step_outputs` under the base model (adapter disabled), without gradients."""
         with self.adapter_disabled():
             return self.step_outputs(rollout, steps)
-
-    # ------------------------------------------------------------------ saving
-    def save_pretrained(self, path: str) -> None:
-        """Write ``pytorch_lora_weights.safetensors`` in ``path`` for
-        ``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(path)`` (or ``FluxPipeline``)."""
-        from peft.utils import get_peft_model_state_dict
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        # PEFT's key names, as diffusers' SD3 / FLUX LoRA training scripts save them (the old
-        # `lora.down`/`lora.up` renaming of SD 1.x would not load back into these transformers)
-        lora = get_peft_model_state_dict(self.transformer)
-        lora = {k: v.detach().cpu().contiguous() for k, v in lora.items()}
-        type(self.pipeline).save_lora_weights(
-            save_directory=str(out),
-            transformer_lora_layers=lora,
-            transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
-            safe_serialization=True,
-        )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from polyrl import ConfigError, Rollout
-from polyrl.plugins.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig, check_policy_settings
+from polyrl.plugins.diffusion.policy import DiffusionPolicy, DiffusionPolicyConfig
 
 from .lcm import guidance_embedding, lcm_step_with_logprob
 
@@ -38,9 +38,11 @@ class LCMPolicyConfig(DiffusionPolicyConfig):
     """LoRA scaling numerator ``alpha`` (the update is scaled by ``alpha / r``; RLCM: 8 with r 8,
     32 with r 16); ``null`` means ``alpha = lora_rank``."""
 
-    def check(self) -> None:
-        """Reject impossible settings before any model loads."""
-        check_policy_settings(self, "a diffusers LatentConsistencyModelPipeline folder")
+    policy_name = "lcm"
+    accepted_what = "a diffusers LatentConsistencyModelPipeline folder"
+    #: LCM checkpoints are saved as LCM pipelines or as SD pipelines with a distilled UNet
+    #: (the policy refuses a UNet that takes no guidance embedding).
+    accepted_classes = ("LatentConsistencyModelPipeline", "StableDiffusionPipeline")
 
 
 class LCMPolicy(DiffusionPolicy):
@@ -51,17 +53,17 @@ class LCMPolicy(DiffusionPolicy):
     read); ``pipeline`` is the diffusers ``LatentConsistencyModelPipeline`` sharing the modules.
     """
 
-    pipeline_class = "LatentConsistencyModelPipeline"
+    load_as = "LatentConsistencyModelPipeline"
 
-    def __init__(self, config: LCMPolicyConfig | None = None) -> None:
-        super().__init__(config or LCMPolicyConfig())
+    def __init__(self, config: LCMPolicyConfig | None = None, pipeline=None) -> None:
+        super().__init__(config or LCMPolicyConfig(), pipeline)
 
-    def make_scheduler(self, config):
+    def make_scheduler(self, scheduler):
         """An ``LCMScheduler`` from the checkpoint's scheduler config (its schedule, prediction
         type and ``timestep_scaling``)."""
         from diffusers import LCMScheduler
 
-        return LCMScheduler.from_config(config)
+        return LCMScheduler.from_config(scheduler.config)
 
     def check_pipeline(self, pipe) -> None:
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
