@@ -30,16 +30,17 @@ accumulated into one optimizer step, as in Flow-GRPO. ``timestep_fraction`` trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.plugins.updates.common import check_batching, sequence_rewards, windows
 from polyrl.plugins.updates.ddpo import ddpo_loss
 from polyrl.plugins.updates.grpo import grpo_advantages
 from polyrl.types import ConfigError, Rollout, Update
 
-__all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_advantages", "flow_kl"]
+__all__ = ["FlowGRPO", "FlowGRPOConfig", "StepStats", "flow_advantages", "flow_kl"]
 
 
 @dataclass
@@ -100,10 +101,10 @@ class FlowGRPOConfig:
             )
 
 
-def flow_advantages(trainer, rollout: Rollout, rewards: torch.Tensor, scale_rewards: str) -> torch.Tensor:
+def flow_advantages(ctx, rollout: Rollout, rewards: torch.Tensor, scale_rewards: str) -> torch.Tensor:
     """``[B]`` group-normalised advantages of this process's samples (``batch``: std over every
     process's rewards)."""
-    acc = trainer.accelerator
+    acc = ctx.accelerator
     rewards = sequence_rewards(rewards).detach().float().cpu()
     batch = None
     if scale_rewards == "batch":
@@ -124,6 +125,39 @@ def flow_kl(mean: torch.Tensor, ref_mean: torch.Tensor, noise_scale: torch.Tenso
     return mse / denom
 
 
+class StepStats:
+    """Means of an update's per-step statistics, summed as tensors where they are tensors (no
+    host sync in the training loop) and read once, by :meth:`means`, at the end of the update.
+
+    ``order`` fixes the order of the keys in :meth:`means`; keys never added are left out."""
+
+    def __init__(self, *order: str) -> None:
+        self._sums: dict[str, Any] = dict.fromkeys(order, 0.0)
+        self._counts: dict[str, int] = dict.fromkeys(order, 0)
+
+    def add(self, key: str, value: torch.Tensor | float) -> None:
+        """Add one value (a number or a one-element tensor, detached here)."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach().reshape(()).double()
+        self._sums[key] = self._sums.get(key, 0.0) + value
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def add_all(self, values: Mapping[str, torch.Tensor | float]) -> None:
+        for key, value in values.items():
+            self.add(key, value)
+
+    def means(self) -> dict[str, float]:
+        """``{key: mean}`` as numbers: one transfer to the host for all tensor sums."""
+        keys = [k for k, n in self._counts.items() if n]
+        tensors = [k for k in keys if isinstance(self._sums[k], torch.Tensor)]
+        sums = {k: float(self._sums[k]) for k in keys if k not in tensors}
+        if tensors:
+            device = self._sums[tensors[0]].device
+            values = torch.stack([self._sums[k].to(device) for k in tensors]).tolist()
+            sums.update(zip(tensors, values))
+        return {k: sums[k] / self._counts[k] for k in keys}
+
+
 class FlowGRPO(Update):
     """Flow-GRPO (see the module docstring)."""
 
@@ -131,48 +165,44 @@ class FlowGRPO(Update):
         self.cfg = cfg or FlowGRPOConfig()
         self.cfg.check()
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
-        device = trainer.accelerator.device
-        adv = flow_advantages(trainer, rollout, rewards, cfg.scale_rewards)
+        device = ctx.accelerator.device
+        adv = flow_advantages(ctx, rollout, rewards, cfg.scale_rewards)
         adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(device)
         rollout = rollout.to(device)
         b, t = rollout.log_probs.shape
         if t == 0:
             raise ValueError("flow_grpo: the rollout has no stochastic steps (sampler.noise_level is 0)")
         t_train = max(1, int(t * cfg.timestep_fraction))
-        g = trainer.generator("update")
-        stats: dict[str, list[float]] = {}
+        g = ctx.generator("update")
+        stats = StepStats("loss", "approx_kl", "clipfrac", "policy_loss", "kl", "grad_norm")
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
-                n_micro = len(window) * t_train
-                k = 0
-                for idx in window:
-                    mb = rollout.select(idx)
-                    mb_adv = adv[idx.to(device)]
-                    for j in range(t_train):
-                        k += 1
-                        cols = torch.full((len(idx), 1), j, dtype=torch.long, device=device)
-                        with trainer.no_sync(sync=k == n_micro):
-                            out = trainer.model(mb, cols, with_mean=True)
-                            logp = out["log_probs"][:, 0]
-                            loss, step_stats = ddpo_loss(logp, mb.log_probs[:, j], mb_adv, cfg.clip_range,
-                                                         mb.mask[:, j])
-                            step_stats["policy_loss"] = loss.item()
-                            if cfg.beta > 0:
-                                ref = trainer.policy.reference_step_outputs(mb, cols)
-                                dt = mb.data["next_sigmas"][:, j] - mb.data["sigmas"][:, j]
-                                kl = flow_kl(out["mean"][:, 0], ref["mean"][:, 0], out["noise_scale"][:, 0], dt,
-                                             cfg.kl_form).mean()
-                                loss = loss + cfg.beta * kl
-                                step_stats["kl"] = kl.item()
-                            trainer.backward(loss / n_micro)
-                        stats.setdefault("loss", []).append(loss.item())
-                        for key, value in step_stats.items():
-                            stats.setdefault(key, []).append(value)
-                stats.setdefault("grad_norm", []).append(trainer.optimizer_step())
-        out_stats = {key: sum(v) / len(v) for key, v in stats.items() if v}
+                micro_batches = [(rollout.select(idx), adv[idx.to(device)]) for idx in window]
+                calls = [(mb, mb_adv, j) for mb, mb_adv in micro_batches for j in range(t_train)]
+                # one loss term per (micro-batch, trained step), each with its own backward pass
+                for micro, (mb, mb_adv, j) in ctx.accumulate(calls, scale=len(calls)):
+                    cols = torch.full((mb.log_probs.shape[0], 1), j, dtype=torch.long, device=device)
+                    with micro:
+                        out = ctx.model(mb, cols, with_mean=True)
+                        logp = out["log_probs"][:, 0]
+                        loss, step_stats = ddpo_loss(logp, mb.log_probs[:, j], mb_adv, cfg.clip_range, mb.mask[:, j])
+                        stats.add("policy_loss", loss)
+                        if cfg.beta > 0:
+                            ref = ctx.policy.reference_step_outputs(mb, cols)
+                            dt = mb.data["next_sigmas"][:, j] - mb.data["sigmas"][:, j]
+                            kl = flow_kl(out["mean"][:, 0], ref["mean"][:, 0], out["noise_scale"][:, 0], dt,
+                                         cfg.kl_form).mean()
+                            loss = loss + cfg.beta * kl
+                            stats.add("kl", kl)
+                        micro.backward(loss)  # loss / (micro-batches x trained steps)
+                    stats.add("loss", loss)
+                    stats.add_all(step_stats)
+                stats.add("grad_norm", ctx.optimizer_step())
+        out_stats = stats.means()
         out_stats["advantage_abs_mean"] = adv.abs().mean().item()
         out_stats["trained_steps"] = float(t_train)
         return out_stats

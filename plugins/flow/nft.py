@@ -34,10 +34,11 @@ from typing import Any, Literal
 
 import torch
 
+from polyrl.context import UpdateContext
 from polyrl.plugins.updates.common import check_batching, windows
 from polyrl.types import ConfigError, Rollout, Update
 
-from .grpo import flow_advantages
+from .grpo import StepStats, flow_advantages
 
 __all__ = ["DiffusionNFT", "DiffusionNFTConfig", "nft_loss"]
 
@@ -90,11 +91,11 @@ class DiffusionNFTConfig:
 
 
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_sigma: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
-             r: torch.Tensor, beta: float, adv_clip_max: float) -> tuple[torch.Tensor, dict[str, float]]:
+             r: torch.Tensor, beta: float, adv_clip_max: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DiffusionNFT's policy loss for one sigma per sample (see the module docstring).
 
     ``v``, ``v_old``, ``x_sigma``, ``x0``: ``[b, ...]``; ``sigma`` and ``r``: ``[b]``. Returns the
-    mean over the micro-batch and statistics."""
+    mean over the micro-batch and statistics (detached 0-d tensors, not yet read on the host)."""
     dims = tuple(range(1, x0.dim()))
     s = sigma.float().reshape(-1, *([1] * (x0.dim() - 1)))
     v, v_old, xs, x0 = v.float(), v_old.detach().float(), x_sigma.float(), x0.float()
@@ -108,9 +109,10 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_sigma: torch.Tensor, x0: to
     neg = ((x0_neg - x0) ** 2 / w_neg).mean(dims)
     per_sample = (r.float() * pos + (1 - r.float()) * neg) / beta
     loss = (per_sample * adv_clip_max).mean()
-    return loss, {"positive_loss": pos.mean().item(), "negative_loss": neg.mean().item(),
-                  "unweighted_policy_loss": per_sample.mean().item(),
-                  "old_deviation": ((v.detach() - v_old) ** 2).mean().item()}
+    with torch.no_grad():
+        stats = {"positive_loss": pos.mean(), "negative_loss": neg.mean(), "unweighted_policy_loss": per_sample.mean(),
+                 "old_deviation": ((v.detach() - v_old) ** 2).mean()}
+    return loss, stats
 
 
 class DiffusionNFT(Update):
@@ -120,11 +122,12 @@ class DiffusionNFT(Update):
         self.cfg = cfg or DiffusionNFTConfig()
         self.cfg.check()
 
-    def step(self, trainer, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        ctx = UpdateContext.of(ctx)
         cfg = self.cfg
-        device = trainer.accelerator.device
-        policy = trainer.policy
-        adv = flow_advantages(trainer, rollout, rewards, cfg.scale_rewards)
+        device = ctx.accelerator.device
+        policy = ctx.policy
+        adv = flow_advantages(ctx, rollout, rewards, cfg.scale_rewards)
         adv = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max).to(device)
         r = (adv / cfg.adv_clip_max / 2 + 0.5).clamp(0, 1)
         rollout = rollout.to(device)
@@ -132,7 +135,7 @@ class DiffusionNFT(Update):
         schedule = rollout.data["schedule"].float()  # [B, N]
         b, n = schedule.shape
         n_train = max(1, int(n * cfg.timestep_fraction))
-        g = trainer.generator("update")
+        g = ctx.generator("update")
         noise = torch.randn((b, n_train, *x0.shape[1:]), generator=g).to(device)
         sig = schedule[:, :n_train]  # [B, K]
         x_sigma = (1 - sig.reshape(b, n_train, *([1] * (x0.dim() - 1)))) * x0[:, None] + \
@@ -145,34 +148,30 @@ class DiffusionNFT(Update):
                 mb = rollout.select(idx)
                 for j in range(n_train):
                     v_old[idx, j] = policy.rollout_velocity(mb, x_sigma[idx, j], sig[idx, j]).float()
-        stats: dict[str, list[float]] = {}
+        stats = StepStats("loss", "positive_loss", "negative_loss", "unweighted_policy_loss", "old_deviation",
+                          "policy_loss", "kl", "grad_norm")
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
-                n_micro = len(window) * n_train
-                k = 0
-                for idx in window:
-                    mb = rollout.select(idx)
-                    i = idx.to(device)
-                    for j in range(n_train):
-                        k += 1
-                        with trainer.no_sync(sync=k == n_micro):
-                            v = trainer.model(mb, velocity_at=(x_sigma[i, j], sig[i, j]))
-                            loss, step_stats = nft_loss(v, v_old[i, j], x_sigma[i, j], x0[i], sig[i, j], r[i],
-                                                        cfg.nft_beta, cfg.adv_clip_max)
-                            step_stats["policy_loss"] = loss.item()
-                            if cfg.kl_beta > 0:
-                                with torch.no_grad(), policy.adapter_disabled():
-                                    v_ref = policy.rollout_velocity(mb, x_sigma[i, j], sig[i, j])
-                                kl = ((v.float() - v_ref.float()) ** 2).mean()
-                                loss = loss + cfg.kl_beta * kl
-                                step_stats["kl"] = kl.item()
-                            trainer.backward(loss / n_micro)
-                        stats.setdefault("loss", []).append(loss.item())
-                        for key, value in step_stats.items():
-                            stats.setdefault(key, []).append(value)
-                stats.setdefault("grad_norm", []).append(trainer.optimizer_step())
-        out = {key: sum(v) / len(v) for key, v in stats.items() if v}
+                calls = [(rollout.select(idx), idx.to(device), j) for idx in window for j in range(n_train)]
+                # one loss term per (micro-batch, trained sigma), each with its own backward pass
+                for micro, (mb, i, j) in ctx.accumulate(calls, scale=len(calls)):
+                    with micro:
+                        v = ctx.model(mb, velocity_at=(x_sigma[i, j], sig[i, j]))
+                        loss, step_stats = nft_loss(v, v_old[i, j], x_sigma[i, j], x0[i], sig[i, j], r[i],
+                                                    cfg.nft_beta, cfg.adv_clip_max)
+                        stats.add("policy_loss", loss)
+                        if cfg.kl_beta > 0:
+                            with torch.no_grad(), policy.adapter_disabled():
+                                v_ref = policy.rollout_velocity(mb, x_sigma[i, j], sig[i, j])
+                            kl = ((v.float() - v_ref.float()) ** 2).mean()
+                            loss = loss + cfg.kl_beta * kl
+                            stats.add("kl", kl)
+                        micro.backward(loss)  # loss / (micro-batches x trained sigmas)
+                    stats.add("loss", loss)
+                    stats.add_all(step_stats)
+                stats.add("grad_norm", ctx.optimizer_step())
+        out = stats.means()
         out["advantage_abs_mean"] = adv.abs().mean().item()
         out["optimality_mean"] = r.mean().item()
         out["trained_sigmas"] = float(n_train)
