@@ -62,6 +62,9 @@ class Rollout:
             (list of ``B`` strings), ``completion_ids``...
         meta: sampling settings that the trained distribution must share (guidance scale, eta,
             temperature...). Scalars only.
+        shared: tensors that every sample shares, stored once without a batch dimension (the
+            negative prompt's embeddings ``[1, L, D]`` of classifier-free guidance): ``select``
+            and ``cat`` keep them as they are, ``to`` moves them.
         ref_log_probs: ``[B, T]`` log-probs under the reference policy, filled in by updates that
             need a KL term.
     """
@@ -73,6 +76,7 @@ class Rollout:
     outputs: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     ref_log_probs: torch.Tensor | None = None
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         b = len(self.contexts)
@@ -115,6 +119,7 @@ class Rollout:
             outputs={k: pick(v) for k, v in self.outputs.items()},
             meta=dict(self.meta),
             ref_log_probs=None if self.ref_log_probs is None else pick(self.ref_log_probs),
+            shared=dict(self.shared),
         )
 
     @staticmethod
@@ -154,6 +159,7 @@ class Rollout:
             outputs={k: join(f"outputs.{k}", [r.outputs[k] for r in rollouts]) for k in first.outputs},
             meta=dict(first.meta),
             ref_log_probs=None,
+            shared=dict(first.shared),
         )
 
     def to(self, device: torch.device | str) -> "Rollout":
@@ -164,6 +170,7 @@ class Rollout:
             mask=move(self.mask),
             data={k: move(v) for k, v in self.data.items()},
             ref_log_probs=move(self.ref_log_probs),
+            shared={k: move(v) for k, v in self.shared.items()},
         )
 
 

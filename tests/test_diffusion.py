@@ -140,13 +140,13 @@ def test_sampler_rollout(policy, rollout):
     assert rollout.log_probs.shape == (b, STEPS) and rollout.mask.shape == (b, STEPS)
     assert rollout.mask.dtype == torch.bool and rollout.mask.all()
     assert torch.isfinite(rollout.log_probs).all()
-    assert rollout.data["latents"].shape == (b, STEPS, c, h, w)
-    assert rollout.data["next_latents"].shape == (b, STEPS, c, h, w)
-    assert torch.equal(rollout.data["latents"][:, 1:], rollout.data["next_latents"][:, :-1])
+    assert rollout.data["trajectory"].shape == (b, STEPS + 1, c, h, w)  # the chain, stored once
+    assert "latents" not in rollout.data and "next_latents" not in rollout.data
     policy.set_num_steps(STEPS)
     assert torch.equal(rollout.data["timesteps"], policy.scheduler.timesteps.expand(b, STEPS))
     assert rollout.data["prompt_embeds"].shape == (b, 77, 32)
-    assert rollout.data["negative_prompt_embeds"].shape == (b, 77, 32)
+    assert rollout.shared["negative_prompt_embeds"].shape == (1, 77, 32)  # not copied per sample
+    assert "negative_prompt_embeds" not in rollout.data
     images = rollout.outputs["images"]
     assert images.shape == (b, 3, 64, 64) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1
@@ -165,7 +165,7 @@ def test_sampler_is_deterministic_and_chunk_independent(policy, rollout):
     # one UNet batch instead of two: the same samples
     whole = DDIMSampler(DDIMSamplerConfig(num_steps=STEPS, batch_size=8))
     one = whole.sample(policy, contexts(), torch.Generator().manual_seed(1))
-    torch.testing.assert_close(one.data["next_latents"], rollout.data["next_latents"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one.data["trajectory"], rollout.data["trajectory"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(one.log_probs, rollout.log_probs, atol=1e-4, rtol=1e-4)
 
 
@@ -331,7 +331,7 @@ def test_cuda_matches_cpu(rollout):
     sampler = DDIMSampler(DDIMSamplerConfig(num_steps=STEPS, batch_size=2))
     out = sampler.sample(gpu, contexts(), torch.Generator().manual_seed(1))
     assert out.log_probs.device.type == "cuda" and out.outputs["images"].device.type == "cuda"
-    torch.testing.assert_close(out.data["next_latents"].cpu(), rollout.data["next_latents"], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out.data["trajectory"].cpu(), rollout.data["trajectory"], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(out.log_probs.cpu(), rollout.log_probs, atol=1e-3, rtol=1e-3)
     with torch.no_grad():
         torch.testing.assert_close(gpu(out), out.log_probs, atol=1e-4, rtol=0)

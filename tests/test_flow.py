@@ -151,10 +151,10 @@ def test_tiny_flow_is_a_plain_sd3_pipeline():
 def test_sampler_rollout_and_forward_reproduce_log_probs(policy, rollout):
     b, t = 4, 4
     assert rollout.log_probs.shape == (b, t) and rollout.mask.all()
-    assert rollout.data["latents"].shape == (b, t, 4, 8, 8) and rollout.outputs["images"].shape == (b, 3, 64, 64)
+    assert rollout.data["trajectory"].shape == (b, t + 1, 4, 8, 8) and rollout.outputs["images"].shape == (b, 3, 64, 64)
     sig = rollout.data["sigmas"][0]
     assert sig[0] == 1.0 and (sig[1:] < sig[:-1]).all() and rollout.meta["sigma_max"] == pytest.approx(float(sig[1]))
-    torch.testing.assert_close(rollout.data["next_latents"][:, :-1], rollout.data["latents"][:, 1:])
+    assert torch.equal(rollout.data["trajectory"][:, -1], rollout.data["final_latents"])  # all steps stochastic
     with torch.no_grad():
         again = policy(rollout)
         subset = policy(rollout, torch.tensor([[3, 0]] * b))
@@ -179,7 +179,7 @@ def test_sampler_is_chunk_independent_and_windowed(policy):
         torch.testing.assert_close(policy(r), r.log_probs, atol=1e-4, rtol=1e-5)
     guided = FlowSDESampler(FlowSDESamplerConfig(num_steps=2, guidance_scale=3.0)).sample(
         policy, contexts(PROMPTS[:2]), torch.Generator().manual_seed(0))
-    assert "negative_prompt_embeds" in guided.data
+    assert guided.shared["negative_prompt_embeds"].shape[0] == 1 and "negative_prompt_embeds" not in guided.data
     with torch.no_grad():
         torch.testing.assert_close(policy(guided), guided.log_probs, atol=1e-4, rtol=1e-5)
 

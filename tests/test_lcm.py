@@ -170,11 +170,10 @@ def test_step_is_batched_over_per_sample_timesteps_and_differentiable():
 def test_sampler_rollout(policy, rollout):
     b, (c, h, w) = len(PROMPTS), policy.latent_shape
     assert rollout.log_probs.shape == (b, STEPS) and rollout.mask.all() and torch.isfinite(rollout.log_probs).all()
-    assert rollout.data["latents"].shape == rollout.data["next_latents"].shape == (b, STEPS, c, h, w)
-    assert torch.equal(rollout.data["latents"][:, 1:], rollout.data["next_latents"][:, :-1])
+    assert rollout.data["trajectory"].shape == (b, STEPS + 1, c, h, w)  # the chain, stored once
     assert rollout.data["timesteps"].tolist() == [[999, 759, 519, 279]] * b
     assert rollout.data["next_timesteps"].tolist() == [[759, 519, 279, 279]] * b
-    assert rollout.data["prompt_embeds"].shape[0] == b and "negative_prompt_embeds" not in rollout.data
+    assert rollout.data["prompt_embeds"].shape[0] == b and "negative_prompt_embeds" not in rollout.data and not rollout.shared
     images = rollout.outputs["images"]
     assert images.shape == (b, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
     assert (images[0] - images[1]).abs().mean() > 1e-2
@@ -185,7 +184,7 @@ def test_sampler_is_deterministic_and_chunk_independent(policy, rollout):
     again = LCMSampler(LCMSamplerConfig(num_steps=STEPS, batch_size=3)).sample(policy, contexts(), torch.Generator().manual_seed(1))
     assert torch.equal(again.log_probs, rollout.log_probs) and torch.equal(again.outputs["images"], rollout.outputs["images"])
     whole = LCMSampler(LCMSamplerConfig(num_steps=STEPS, batch_size=8)).sample(policy, contexts(), torch.Generator().manual_seed(1))
-    torch.testing.assert_close(whole.data["next_latents"], rollout.data["next_latents"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whole.data["trajectory"], rollout.data["trajectory"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(whole.log_probs, rollout.log_probs, atol=1e-4, rtol=1e-4)
 
 

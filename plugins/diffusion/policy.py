@@ -155,22 +155,23 @@ class DiffusionPolicy(DiffusersPolicy):
         """Log-probs of the rollout's recorded DDIM steps, with gradients.
 
         Args:
-            rollout: a rollout from the ``ddim`` sampler: ``data`` holds ``latents`` and
-                ``next_latents`` ``[B, T, C, h, w]``, ``timesteps`` and ``prev_timesteps`` ``[B, T]``
-                (each step's timestep and the one it lands on), ``prompt_embeds``
-                and ``negative_prompt_embeds`` ``[B, L, D]``; ``meta`` holds ``eta``,
+            rollout: a rollout from the ``ddim`` sampler: ``data`` holds ``trajectory``
+                ``[B, T + 1, C, h, w]`` (step ``j`` goes from ``trajectory[:, j]`` to
+                ``trajectory[:, j + 1]``), ``timesteps`` and ``prev_timesteps`` ``[B, T]`` (each
+                step's timestep and the one it lands on), ``prompt_embeds`` ``[B, L, D]``;
+                ``shared["negative_prompt_embeds"]`` ``[1, L, D]``; ``meta`` holds ``eta``,
                 ``guidance_scale`` and ``num_steps``.
             steps: ``None`` for all ``T`` steps, or a LongTensor ``[B, K]`` of step indices per
                 sample (each column is one batched UNet call over the ``B`` samples, each at its
                 own step).
 
         Returns:
-            ``[B, T]`` or ``[B, K]`` float32: ``log π(next_latents | latents)`` under the current
+            ``[B, T]`` or ``[B, K]`` float32: ``log π(x_{j+1} | x_j)`` under the current
             weights, the same quantity the sampler recorded in ``rollout.log_probs``. The step
             reads only the rollout and the scheduler's fixed schedule, never its mutable state.
         """
         data, meta = rollout.data, rollout.meta
-        latents, next_latents, timesteps = data["latents"], data["next_latents"], data["timesteps"]
+        trajectory, timesteps = data["trajectory"], data["timesteps"]
         if "prev_timesteps" not in data:
             raise ValueError("the rollout has no 'prev_timesteps': rescore rollouts recorded by the 'ddim' sampler")
         prev_timesteps = data["prev_timesteps"]
@@ -180,17 +181,18 @@ class DiffusionPolicy(DiffusersPolicy):
             steps = torch.arange(t_total).expand(b, t_total)
         if steps.dim() != 2 or steps.shape[0] != b:
             raise ValueError(f"steps must be a LongTensor [B={b}, K], got {tuple(steps.shape)}")
-        steps = steps.to(device=latents.device, dtype=torch.long)
-        rows = torch.arange(b, device=latents.device)
+        src = trajectory.device
+        steps = steps.to(device=src, dtype=torch.long)
+        rows = torch.arange(b, device=src)
         pos = data["prompt_embeds"].to(device)
-        neg = data["negative_prompt_embeds"].to(device)
+        neg = rollout.shared["negative_prompt_embeds"].to(device).expand(b, -1, -1)
         columns = []
         for k in range(steps.shape[1]):
             j = steps[:, k]
-            x = latents[rows, j].to(device)
-            x_next = next_latents[rows, j].to(device)
-            t = timesteps.to(latents.device)[rows, j].to(device)
-            t_prev = prev_timesteps.to(latents.device)[rows, j].to(device)
+            x = trajectory[rows, j].to(device)
+            x_next = trajectory[rows, j + 1].to(device)
+            t = timesteps.to(src)[rows, j].to(device)
+            t_prev = prev_timesteps.to(src)[rows, j].to(device)
             eps = self.predict_noise(x, t, pos, neg, float(meta["guidance_scale"]))
             _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, x, float(meta["eta"]), prev_sample=x_next,
                                                  prev_timestep=t_prev)

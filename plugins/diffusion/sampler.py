@@ -73,10 +73,11 @@ class DDIMSampler(Sampler):
 
         Returns a :class:`Rollout` with
             ``log_probs`` ``[B, T]`` and ``mask`` ``[B, T]`` (all True);
-            ``data``: ``latents`` / ``next_latents`` ``[B, T, C, h, w]`` (before / after each
-            step), ``timesteps`` / ``prev_timesteps`` ``[B, T]`` long (each step's timestep and the
-            one it lands on), ``prompt_embeds`` / ``negative_prompt_embeds``
-            ``[B, L, D]``;
+            ``data``: ``trajectory`` ``[B, T + 1, C, h, w]`` (the chain of latents: step ``j``
+            goes from ``trajectory[:, j]`` to ``trajectory[:, j + 1]``; stored once), ``timesteps``
+            / ``prev_timesteps`` ``[B, T]`` long (each step's timestep and the one it lands on),
+            ``prompt_embeds`` ``[B, L, D]``; ``shared["negative_prompt_embeds"]`` ``[1, L, D]`` (the
+            negative prompt's, stored once);
             ``outputs["images"]`` ``[B, 3, H, W]`` float in ``[0, 1]``;
             ``meta`` = ``{"eta", "guidance_scale", "num_steps"}``.
         All tensors live on the policy's device. Yields one rollout per ``batch_size`` samples as
@@ -99,35 +100,32 @@ class DDIMSampler(Sampler):
         init = torch.randn((b, c, h, w), generator=generator, device=gen_device) * scheduler.init_noise_sigma
         noise = torch.randn((b, n_steps, c, h, w), generator=generator, device=gen_device)
 
-        negative = policy.encode_prompts([cfg.negative_prompt])  # [1, L, D]
+        negative = policy.encode_prompts([cfg.negative_prompt])  # [1, L, D], stored once
         for s in range(0, b, cfg.batch_size):
             e = min(s + cfg.batch_size, b)
             pos = policy.encode_prompts(prompts[s:e])
             neg = negative.expand(e - s, -1, -1)
             x = init[s:e].to(device)
-            before, after, lps = [], [], []
+            chain, lps = [x], []
             for i, t in enumerate(timesteps):
                 tt = t.expand(e - s)
                 eps = policy.predict_noise(x, tt, pos, neg, cfg.guidance_scale)
-                x_next, lp = ddim_step_with_logprob(scheduler, eps, tt, x, cfg.eta, noise=noise[s:e, i],
-                                                    prev_timestep=prev_timesteps[i].expand(e - s))
-                before.append(x)
-                after.append(x_next)
+                x, lp = ddim_step_with_logprob(scheduler, eps, tt, x, cfg.eta, noise=noise[s:e, i],
+                                               prev_timestep=prev_timesteps[i].expand(e - s))
+                chain.append(x)
                 lps.append(lp)
-                x = x_next
             log_probs = torch.stack(lps, dim=1)
             yield Rollout(
                 contexts=list(contexts[s:e]),
                 log_probs=log_probs,
                 mask=torch.ones_like(log_probs, dtype=torch.bool),
                 data={
-                    "latents": torch.stack(before, dim=1),
-                    "next_latents": torch.stack(after, dim=1),
+                    "trajectory": torch.stack(chain, dim=1),
                     "timesteps": timesteps.expand(e - s, n_steps).clone(),
                     "prev_timesteps": prev_timesteps.expand(e - s, n_steps).clone(),
                     "prompt_embeds": pos,
-                    "negative_prompt_embeds": neg.contiguous(),
                 },
                 outputs={"images": policy.decode(x)},
                 meta={"eta": cfg.eta, "guidance_scale": cfg.guidance_scale, "num_steps": n_steps},
+                shared={"negative_prompt_embeds": negative},
             )

@@ -239,18 +239,21 @@ class FlowPolicy(DiffusersPolicy):
         if steps.dim() != 2 or steps.shape[0] != b:
             raise ValueError(f"steps must be a LongTensor [B={b}, K], got {tuple(steps.shape)}")
         k = steps.shape[1]
-        src = data["latents"].device
+        src = data["trajectory"].device
         steps = steps.to(device=src, dtype=torch.long)
         rows = torch.arange(b, device=src)[:, None].expand(b, k)
         device = self.device
         pick = lambda key: data[key][rows, steps].flatten(0, 1).to(device)  # noqa: E731
         rep = lambda key: data[key].to(device).repeat_interleave(k, dim=0)  # noqa: E731
-        sel = {"latents": pick("latents"), "next_latents": pick("next_latents"), "sigmas": pick("sigmas"),
+        traj = data["trajectory"]
+        sel = {"latents": traj[rows, steps].flatten(0, 1).to(device),
+               "next_latents": traj[rows, steps + 1].flatten(0, 1).to(device), "sigmas": pick("sigmas"),
                "next_sigmas": pick("next_sigmas"), "prompt_embeds": rep("prompt_embeds"),
                "pooled_prompt_embeds": rep("pooled_prompt_embeds")}
-        if "negative_prompt_embeds" in data:
-            sel["negative_prompt_embeds"] = rep("negative_prompt_embeds")
-            sel["negative_pooled_prompt_embeds"] = rep("negative_pooled_prompt_embeds")
+        for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
+            if key in rollout.shared:  # stored once: the same for every sample
+                v = rollout.shared[key].to(device)
+                sel[key] = v.expand(b * k, *v.shape[1:])
         return sel, b, k
 
     def step_outputs(self, rollout: Rollout, steps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -286,9 +289,10 @@ class FlowPolicy(DiffusersPolicy):
         gradients (DiffusionNFT trains on it). It goes through ``forward`` so that a
         DDP-wrapped policy synchronises the gradients.
 
-        ``rollout.data``: ``latents``/``next_latents`` ``[B, T, ...]`` (before/after each SDE step),
-        ``sigmas``/``next_sigmas`` ``[B, T]``, ``prompt_embeds`` ``[B, L, D]``,
-        ``pooled_prompt_embeds`` ``[B, P]`` (and ``negative_*`` with guidance); ``meta``:
+        ``rollout.data``: ``trajectory`` ``[B, T + 1, ...]`` (step ``j`` goes from ``trajectory[:, j]``
+        to ``trajectory[:, j + 1]``), ``sigmas``/``next_sigmas`` ``[B, T]``, ``prompt_embeds``
+        ``[B, L, D]``, ``pooled_prompt_embeds`` ``[B, P]``; ``rollout.shared``: the negative
+        prompt's ``negative_prompt_embeds``/``negative_pooled_prompt_embeds`` with guidance; ``meta``:
         ``guidance_scale``, ``noise_level``, ``sigma_max``, ``height``, ``width``.
         """
         if velocity_at is not None:

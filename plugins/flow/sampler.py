@@ -115,10 +115,12 @@ class FlowSDESampler(Sampler):
         sampling), initial latents ``[B, ...]``, step noise ``[B, N, ...]``.
 
         Returns a :class:`Rollout` with ``log_probs``/``mask`` ``[B, T]`` (``T`` = stochastic steps),
-        ``data``: ``latents``/``next_latents`` ``[B, T, ...]``, ``sigmas``/``next_sigmas``/
-        ``step_index`` ``[B, T]``, ``prompt_embeds``, ``pooled_prompt_embeds`` (and ``negative_*``
-        with guidance), ``final_latents`` ``[B, ...]`` (the clean latents) and
-        ``schedule`` ``[B, N]`` (the sampling sigmas); ``outputs["images"]``; ``meta``:
+        ``data``: ``trajectory`` ``[B, T + 1, ...]`` (the chain through the stochastic steps, which
+        are consecutive: step ``j`` goes from ``trajectory[:, j]`` to ``trajectory[:, j + 1]``;
+        ``[B, 0, ...]`` without stochastic steps), ``sigmas``/``next_sigmas``/``step_index``
+        ``[B, T]``, ``prompt_embeds``, ``pooled_prompt_embeds``, ``final_latents`` ``[B, ...]`` (the clean latents) and
+        ``schedule`` ``[B, N]`` (the sampling sigmas); ``outputs["images"]``; ``shared``: ``negative_prompt_embeds`` ``[1, L, D]`` and
+        ``negative_pooled_prompt_embeds`` ``[1, P]`` with guidance (the empty prompt's, once); ``meta``:
         ``guidance_scale``, ``noise_level``, ``sigma_max``, ``num_steps``, ``height``, ``width``.
         """
         if not hasattr(policy, "velocity"):
@@ -139,44 +141,42 @@ class FlowSDESampler(Sampler):
         guided = cfg.guidance_scale > 1 and policy.layout == "sd3"
         prompts = [c.prompt for c in contexts]
 
-        keys = ("latents", "next_latents", "log_probs", "final", "images", "emb", "pooled", "neg", "neg_pooled")
+        keys = ("trajectory", "log_probs", "final", "images", "emb", "pooled")
         acc: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        negative = None
+        if guided:  # the empty prompt's embeddings, once for all samples
+            negative = policy.encode_prompts([""])
         for s in range(0, b, cfg.batch_size):
             e = min(s + cfg.batch_size, b)
             embeds = policy.encode_prompts(prompts[s:e])
-            negative = policy.encode_prompts([""] * (e - s)) if guided else None
+            neg = None if negative is None else {k: v.expand(e - s, *v.shape[1:]) for k, v in negative.items()}
             x = init[s:e].to(device).float()
-            before, after, lps = [], [], []
+            chain, lps = [], []
             for i in range(n):
                 sig = sigmas[i].expand(e - s).to(device)
                 sig_next = sigmas[i + 1].expand(e - s).to(device)
-                v = policy.velocity(x, sig, embeds, negative, cfg.guidance_scale)
+                v = policy.velocity(x, sig, embeds, neg, cfg.guidance_scale)
                 if i in sde:
-                    x_next, lp, _, _ = sde_step_with_logprob(v, x, sig, sig_next, cfg.noise_level, sigma_max,
-                                                             noise=noise[s:e, i].to(device))
-                    before.append(x)
-                    after.append(x_next)
+                    if not chain:
+                        chain.append(x)
+                    x, lp, _, _ = sde_step_with_logprob(v, x, sig, sig_next, cfg.noise_level, sigma_max,
+                                                        noise=noise[s:e, i].to(device))
+                    chain.append(x)
                     lps.append(lp)
                 else:
-                    x_next = ode_step(v, x, sig, sig_next)
-                x = x_next
+                    x = ode_step(v, x, sig, sig_next)
             t = len(sde)
-            acc["latents"].append(torch.stack(before, 1) if t else x.new_zeros((e - s, 0, *shape)))
-            acc["next_latents"].append(torch.stack(after, 1) if t else x.new_zeros((e - s, 0, *shape)))
+            acc["trajectory"].append(torch.stack(chain, 1) if t else x.new_zeros((e - s, 0, *shape)))
             acc["log_probs"].append(torch.stack(lps, 1) if t else x.new_zeros((e - s, 0)))
             acc["final"].append(x)
             acc["images"].append(policy.decode(x, height, width))
             acc["emb"].append(embeds["prompt_embeds"])
             acc["pooled"].append(embeds["pooled_prompt_embeds"])
-            if negative is not None:
-                acc["neg"].append(negative["prompt_embeds"])
-                acc["neg_pooled"].append(negative["pooled_prompt_embeds"])
 
         log_probs = torch.cat(acc["log_probs"])
         idx = torch.tensor(sde, dtype=torch.long)
         data = {
-            "latents": torch.cat(acc["latents"]),
-            "next_latents": torch.cat(acc["next_latents"]),
+            "trajectory": torch.cat(acc["trajectory"]),
             "sigmas": sigmas[idx].to(device).expand(b, len(sde)).clone(),
             "next_sigmas": sigmas[idx + 1].to(device).expand(b, len(sde)).clone(),
             "step_index": idx.to(device).expand(b, len(sde)).clone(),
@@ -185,9 +185,6 @@ class FlowSDESampler(Sampler):
             "prompt_embeds": torch.cat(acc["emb"]),
             "pooled_prompt_embeds": torch.cat(acc["pooled"]),
         }
-        if guided:
-            data["negative_prompt_embeds"] = torch.cat(acc["neg"])
-            data["negative_pooled_prompt_embeds"] = torch.cat(acc["neg_pooled"])
         return Rollout(
             contexts=list(contexts),
             log_probs=log_probs,
@@ -196,4 +193,6 @@ class FlowSDESampler(Sampler):
             outputs={"images": torch.cat(acc["images"])},
             meta={"guidance_scale": cfg.guidance_scale, "noise_level": cfg.noise_level, "sigma_max": sigma_max,
                   "num_steps": n, "height": height, "width": width},
+            shared={} if negative is None else {"negative_prompt_embeds": negative["prompt_embeds"],
+                                                "negative_pooled_prompt_embeds": negative["pooled_prompt_embeds"]},
         )

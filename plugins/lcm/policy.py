@@ -104,18 +104,19 @@ class LCMPolicy(DiffusionPolicy):
         """Log-probs of the rollout's recorded consistency steps, with gradients.
 
         Args:
-            rollout: a rollout from the ``lcm`` sampler: ``data`` holds ``latents`` and
-                ``next_latents`` ``[B, T, C, h, w]``, ``timesteps`` and ``next_timesteps``
+            rollout: a rollout from the ``lcm`` sampler: ``data`` holds ``trajectory``
+                ``[B, T + 1, C, h, w]`` (step ``j`` goes from ``trajectory[:, j]`` to
+                ``trajectory[:, j + 1]``), ``timesteps`` and ``next_timesteps``
                 ``[B, T]``, ``prompt_embeds`` ``[B, L, D]``; ``meta["guidance_scale"]``.
             steps: ``None`` for all ``T`` steps, or a LongTensor ``[B, K]`` of step indices per
                 sample.
 
         Returns:
-            ``[B, T]`` or ``[B, K]`` float32 ``log π(next_latents | latents)`` under the current
+            ``[B, T]`` or ``[B, K]`` float32 ``log π(x_{j+1} | x_j)`` under the current
             weights. All ``B·K`` steps go through the UNet as one batch.
         """
         data = rollout.data
-        latents, next_latents = data["latents"], data["next_latents"]
+        trajectory = data["trajectory"]
         timesteps, next_ts = data["timesteps"], data["next_timesteps"]
         b, t_total = timesteps.shape
         if steps is None:
@@ -124,12 +125,13 @@ class LCMPolicy(DiffusionPolicy):
             raise ValueError(f"steps must be a LongTensor [B={b}, K], got {tuple(steps.shape)}")
         device = self.device
         k = steps.shape[1]
-        steps = steps.to(device=latents.device, dtype=torch.long)
-        rows = torch.arange(b, device=latents.device)[:, None].expand(b, k)
-        x = latents[rows, steps].flatten(0, 1).to(device)
-        x_next = next_latents[rows, steps].flatten(0, 1).to(device)
-        t = timesteps.to(latents.device)[rows, steps].flatten().to(device)
-        t_next = next_ts.to(latents.device)[rows, steps].flatten().to(device)
+        src = trajectory.device
+        steps = steps.to(device=src, dtype=torch.long)
+        rows = torch.arange(b, device=src)[:, None].expand(b, k)
+        x = trajectory[rows, steps].flatten(0, 1).to(device)
+        x_next = trajectory[rows, steps + 1].flatten(0, 1).to(device)
+        t = timesteps.to(src)[rows, steps].flatten().to(device)
+        t_next = next_ts.to(src)[rows, steps].flatten().to(device)
         emb = data["prompt_embeds"].to(device).repeat_interleave(k, dim=0)
         cond = self.guidance_cond(float(rollout.meta["guidance_scale"]), b * k)
         out = self.predict(x, t, emb, cond)

@@ -93,8 +93,8 @@ class LCMSampler(Sampler):
 
         Returns a :class:`Rollout` with
             ``log_probs`` ``[B, T]`` and ``mask`` ``[B, T]`` (all True);
-            ``data``: ``latents`` / ``next_latents`` ``[B, T, C, h, w]`` (before / after each step's
-            re-noising), ``timesteps`` / ``next_timesteps`` ``[B, T]`` long, ``prompt_embeds``
+            ``data``: ``trajectory`` ``[B, T + 1, C, h, w]`` (the chain of latents: step ``j`` goes
+            from ``trajectory[:, j]`` to its re-noised ``trajectory[:, j + 1]``), ``timesteps`` / ``next_timesteps`` ``[B, T]`` long, ``prompt_embeds``
             ``[B, L, D]``;
             ``outputs["images"]`` ``[B, 3, H, W]`` float in ``[0, 1]``, decoded from the last
             step's consistency output;
@@ -121,24 +121,21 @@ class LCMSampler(Sampler):
             emb = policy.encode_prompts(prompts[s:e])
             cond = policy.guidance_cond(cfg.guidance_scale, e - s)
             x = init[s:e].to(device)
-            before, after, lps = [], [], []
+            chain, lps = [x], []
             denoised = x
             for i in range(n):
                 t, t_next = ts[i].expand(e - s), ts_next[i].expand(e - s)
                 out = policy.predict(x, t, emb, cond)
-                x_next, denoised, lp = lcm_step_with_logprob(policy.scheduler, out, t, t_next, x, noise=noise[s:e, i])
-                before.append(x)
-                after.append(x_next)
+                x, denoised, lp = lcm_step_with_logprob(policy.scheduler, out, t, t_next, x, noise=noise[s:e, i])
+                chain.append(x)
                 lps.append(lp)
-                x = x_next
             log_probs = torch.stack(lps, dim=1)
             yield Rollout(
                 contexts=list(contexts[s:e]),
                 log_probs=log_probs,
                 mask=torch.ones_like(log_probs, dtype=torch.bool),
                 data={
-                    "latents": torch.stack(before, dim=1),
-                    "next_latents": torch.stack(after, dim=1),
+                    "trajectory": torch.stack(chain, dim=1),
                     "timesteps": ts.expand(e - s, n).clone(),
                     "next_timesteps": ts_next.expand(e - s, n).clone(),
                     "prompt_embeds": emb,
