@@ -132,7 +132,11 @@ class UpdateContext:
 
     def optimizer_step(self) -> float:
         """Clip the gradient norm (``optimizer.max_grad_norm``), step, zero the gradients; returns
-        the norm. A non-finite norm raises :class:`polyrl.errors.NonFiniteError` before the step."""
+        the norm. A non-finite norm raises :class:`polyrl.errors.NonFiniteError` before the step.
+
+        Reading the norm is the step's one host sync (the check must decide before the step);
+        record the other statistics of an update with :class:`polyrl.stats.UpdateStats`, which reads
+        them once, at the end."""
         if self.optimizer_step_fn is None:
             raise RuntimeError("this UpdateContext has no optimizer (it was built without optimizer_step_fn)")
         return self.optimizer_step_fn()

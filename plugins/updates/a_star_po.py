@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from polyrl.context import UpdateContext
+from polyrl.stats import UpdateStats
 from polyrl.types import ConfigError, Context, Rollout, Update
 
 from .common import check_batching, sequence_rewards, windows
@@ -67,17 +68,19 @@ def optimal_value(rewards: torch.Tensor, beta1: float) -> float:
 
 
 def a_star_po_loss(
-    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, v_star: torch.Tensor, beta2: float
-) -> tuple[torch.Tensor, dict[str, float]]:
+    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, v_star: torch.Tensor, beta2: float,
+    *, tensor_stats: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """``mean((beta2 * log pi/pi_ref - (r - V*))^2)``: ``logp``, ``ref``, ``mask`` ``[b, T]``;
-    ``rewards``, ``v_star`` ``[b]``."""
+    ``rewards``, ``v_star`` ``[b]``. The statistics are Python floats, or with ``tensor_stats``
+    0-dim tensors on the loss's device (no host sync; see :class:`UpdateStats`)."""
     m = mask.to(logp.dtype)
     log_ratio = ((logp - ref) * m).sum(1)  # [b]
     adv = rewards - v_star
     loss = ((beta2 * log_ratio - adv) ** 2).mean()
     with torch.no_grad():
-        stats = {"log_ratio_ref": log_ratio.detach().mean().item(), "advantage_mean": adv.mean().item()}
-    return loss, stats
+        stats = {"log_ratio_ref": log_ratio.detach().mean(), "advantage_mean": adv.mean()}
+    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 class AStarPO(Update):
@@ -131,7 +134,7 @@ class AStarPO(Update):
         v_star = torch.tensor([self.v_star[c.prompt] for c in rollout.contexts], dtype=torch.float32, device=device)
         rollout.ref_log_probs = ctx.policy.reference_log_probs(rollout)
         g = ctx.generator("update")
-        stats: dict[str, list[float]] = {"loss": [], "log_ratio_ref": [], "advantage_mean": [], "grad_norm": []}
+        stats = UpdateStats("loss", "log_ratio_ref", "advantage_mean", "grad_norm")  # read once, at the end
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(rollout.batch_size, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
@@ -140,15 +143,14 @@ class AStarPO(Update):
                     i = idx.to(device)
                     with micro:
                         logp = ctx.model(mb)
-                        loss, step_stats = a_star_po_loss(logp, mb.ref_log_probs, mb.mask, rewards[i], v_star[i], cfg.beta2)
+                        loss, step_stats = a_star_po_loss(logp, mb.ref_log_probs, mb.mask, rewards[i], v_star[i], cfg.beta2,
+                                                          tensor_stats=True)
                         micro.backward(loss)
-                    stats["loss"].append(loss.item())
-                    for key, value in step_stats.items():
-                        stats[key].append(value)
-                stats["grad_norm"].append(ctx.optimizer_step())
-        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        out["v_star_mean"] = v_star.mean().item()
-        return out
+                    stats.add("loss", loss)
+                    stats.update(step_stats)
+                stats.add("grad_norm", ctx.optimizer_step())
+        stats.add("v_star_mean", v_star.mean())
+        return stats.means()  # the update's one read of its statistics
 
     def state_dict(self) -> dict[str, Any]:
         return {"v_star": dict(self.v_star)}

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from polyrl.context import UpdateContext
-from polyrl.stats import PerPromptStatTracker
+from polyrl.stats import PerPromptStatTracker, UpdateStats
 from polyrl.types import Rollout, Update
 
 from .common import sequence_rewards, check_batching, gather_rewards, windows
@@ -77,11 +77,12 @@ class DDPOConfig:
 
 
 def ddpo_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, clip_range: float,
-              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+              valid: torch.Tensor | None = None, *, tensor_stats: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """The clipped DDPO/PPO surrogate for one step per sample.
 
     ``logp``, ``old``, ``adv`` and ``valid`` are ``[b]``. Returns the loss (mean over valid
-    samples) and ``approx_kl = mean(0.5 * (logp - old)^2)`` and ``clipfrac``.
+    samples) and ``approx_kl = mean(0.5 * (logp - old)^2)`` and ``clipfrac``: Python floats, or with
+    ``tensor_stats`` 0-dim tensors on the loss's device (no host sync; see :class:`UpdateStats`).
     """
     valid = torch.ones_like(logp) if valid is None else valid.float()
     ratio = torch.exp(logp - old)
@@ -91,10 +92,10 @@ def ddpo_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, clip_ran
     with torch.no_grad():
         d = logp.detach() - old
         stats = {
-            "approx_kl": (0.5 * d**2).mean().item(),
-            "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean().item(),
+            "approx_kl": (0.5 * d**2).mean(),
+            "clipfrac": ((ratio.detach() - 1).abs() > clip_range).float().mean(),
         }
-    return loss, stats
+    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 def k3_kl(logp: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ class DDPO(Update):
         b, t = rollout.log_probs.shape
         t_train = max(1, int(t * cfg.timestep_fraction))
         g = ctx.generator("update")
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": [], "kl_ref": []}
+        stats = UpdateStats("loss", "approx_kl", "clipfrac", "grad_norm", "kl_ref")  # read once, at the end
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             order = torch.stack([torch.randperm(t, generator=g) for _ in range(b)])  # [B, T] per-sample shuffle
@@ -151,19 +152,18 @@ class DDPO(Update):
                         total = 0.0
                         for col in range(k):  # each step's loss as with one call per step
                             loss, step_stats = ddpo_loss(logps[:, col], olds[:, col], mb_adv, cfg.clip_range,
-                                                         valids[:, col])
+                                                         valids[:, col], tensor_stats=True)
                             if refs is not None:
                                 kl = k3_kl(logps[:, col], refs[:, col], valids[:, col])
                                 loss = loss + cfg.kl_coef * kl
-                                step_stats["kl_ref"] = kl.item()
+                                step_stats["kl_ref"] = kl
                             total = total + loss
-                            stats["loss"].append(loss.item())
-                            for key, value in step_stats.items():
-                                stats[key].append(value)
+                            stats.add("loss", loss)
+                            stats.update(step_stats)
                         micro.backward(total)  # total / n_micro
-                stats["grad_norm"].append(ctx.optimizer_step())
-        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        out["advantage_abs_mean"] = adv.abs().mean().item()
+                stats.add("grad_norm", ctx.optimizer_step())
+        stats.add("advantage_abs_mean", adv.abs().mean())
+        out = stats.means()  # the update's one read of its statistics
         out.update(self.tracker.stats())
         return out
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from polyrl.context import UpdateContext
 from polyrl.types import ConfigError, Rollout
 
 from .ppo import PPO, PPOConfig
@@ -44,11 +43,10 @@ def check_reset_sampler(config: Any) -> None:
 class DRPO(PPO):
     name = "dr_po"
 
-    def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
-        out = super().step(ctx, rollout, rewards)
+    def rollout_stats(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """The fraction of samples reset to a dataset prefix and the mean number of forced tokens."""
         forced = rollout.data.get("forced")
-        if forced is not None:
-            n = forced.sum(1).float()
-            out["reset_fraction"] = (n > 0).float().mean().item()
-            out["reset_length"] = n.mean().item()
-        return out
+        if forced is None:
+            return {}
+        n = forced.sum(1).float()
+        return {"reset_fraction": (n > 0).float().mean(), "reset_length": n.mean()}

@@ -62,6 +62,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from polyrl.context import UpdateContext
+from polyrl.stats import UpdateStats
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, checked_clip_bounds, sequence_rewards, windows
@@ -239,7 +240,8 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_tokens: float | torch.Tensor | None = None,
     is_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    tensor_stats: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """GRPO's loss on one micro-batch (see the module docstring).
 
     ``logp``, ``old``, ``ref``, ``mask`` are ``[b, T]``; ``adv`` is ``[b]``. ``clip_range`` is the
@@ -248,7 +250,8 @@ def grpo_loss(
     ``max_completion_length`` (default ``T``); ``dapo`` needs ``num_tokens``, the normaliser (the
     optimizer step's valid tokens on all processes divided by the number of processes).
     ``is_weights`` (``[b, T]`` or ``[b, 1]``) weight the policy term of each token (see
-    :func:`engine_is_weights`).
+    :func:`engine_is_weights`). The statistics are Python floats, or with ``tensor_stats`` 0-dim
+    tensors on the loss's device (no host sync; see :class:`polyrl.stats.UpdateStats`).
     """
     loss_type = LEGACY_AGGREGATION.get(loss_type, loss_type)
     eps_low, eps_high = clip_range, clip_range if epsilon_high is None else epsilon_high
@@ -266,14 +269,14 @@ def grpo_loss(
     if is_weights is not None:  # the sampling engine's mismatch, [b, T] or [b, 1] (no gradient)
         per_token = per_token * is_weights.detach().to(per_token.dtype)
     n_tokens = m.sum().clamp(min=1)
-    stats: dict[str, float] = {}
+    stats: dict[str, torch.Tensor] = {}
     if beta > 0:
         if ref is None:
             raise ValueError("grpo_loss: beta > 0 needs reference log-probs")
         d = ref - logp
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi_theta || pi_ref)
         per_token = per_token + beta * kl
-        stats["kl_ref"] = ((kl.detach() * m).sum() / n_tokens).item()
+        stats["kl_ref"] = (kl.detach() * m).sum() / n_tokens
     per_token = per_token.expand_as(m)
     if loss_type == "grpo":
         loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
@@ -290,25 +293,26 @@ def grpo_loss(
         raise ValueError(f"unknown loss_type {loss_type!r}; accepted: {list(LOSS_TYPES)}")
     with torch.no_grad():
         d_old = (logp.detach() - old) * m
-        stats["approx_kl"] = (0.5 * (d_old**2).sum() / n_tokens).item()
+        stats["approx_kl"] = 0.5 * (d_old**2).sum() / n_tokens
         r = ratio.detach()
         a_ = a.expand_as(r)
         # the ratio outside the clip range, and where the clip removes the gradient (TRL's clip_ratio)
         weight = m if importance_sampling_level == "token" else torch.ones_like(r)
         count = weight.sum().clamp(min=1)
         outside = ((r < 1 - eps_low) | (r > 1 + eps_high)).to(m.dtype)
-        stats["clipfrac"] = ((outside * weight).sum() / count).item()
-        stats["clipfrac_low"] = ((((r < 1 - eps_low) & (a_ < 0)).to(m.dtype) * weight).sum() / count).item()
-        stats["clipfrac_high"] = ((((r > 1 + eps_high) & (a_ > 0)).to(m.dtype) * weight).sum() / count).item()
-    return loss, stats
+        stats["clipfrac"] = (outside * weight).sum() / count
+        stats["clipfrac_low"] = (((r < 1 - eps_low) & (a_ < 0)).to(m.dtype) * weight).sum() / count
+        stats["clipfrac_high"] = (((r > 1 + eps_high) & (a_ > 0)).to(m.dtype) * weight).sum() / count
+    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 def engine_is_weights(
-    old: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
-) -> tuple[torch.Tensor, dict[str, float]]:
+    old: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor, mode: str, cap: float, *, tensor_stats: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Truncated importance weights for the mismatch between the trained model's log-probs ``old``
     and the sampling engine's ``engine`` (both ``[B, T]``, no gradient): ``[B, T]`` for the token
-    modes, ``[B, 1]`` for the sequence modes (see the module docstring), and the mismatch stats."""
+    modes, ``[B, 1]`` for the sequence modes (see the module docstring), and the mismatch stats
+    (Python floats, or with ``tensor_stats`` 0-dim tensors on the device)."""
     if mode not in ENGINE_CORRECTIONS or mode == "off":
         raise ValueError(f"unknown engine correction {mode!r}; accepted: {list(ENGINE_CORRECTIONS[1:])}")
     m = mask.to(old.dtype)
@@ -321,15 +325,18 @@ def engine_is_weights(
     over = ratio > cap
     w = ratio.clamp(max=cap) if mode.endswith("truncate") else ratio.masked_fill(over, 0.0)
     valid = mask.bool()
+    # host sync, once per update: the boolean index's size (a masked sum would change the mean's
+    # summation order, and with it the logged value)
     gap = diff.abs()[valid]
     count = weight.sum().clamp(min=1)
+    zero = torch.zeros((), dtype=gap.dtype, device=gap.device)
     stats = {
-        "engine/logp_diff_mean": gap.mean().item() if gap.numel() else 0.0,
-        "engine/logp_diff_max": gap.max().item() if gap.numel() else 0.0,
-        "engine/is_weight_mean": ((w * weight).sum() / count).item(),
-        "engine/capped_fraction": ((over.to(m.dtype) * weight).sum() / count).item(),
+        "engine/logp_diff_mean": gap.mean() if gap.numel() else zero,
+        "engine/logp_diff_max": gap.max() if gap.numel() else zero,
+        "engine/is_weight_mean": (w * weight).sum() / count,
+        "engine/capped_fraction": (over.to(m.dtype) * weight).sum() / count,
     }
-    return w, stats
+    return w, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 # ------------------------------------------------------------------------------------ update
@@ -363,15 +370,16 @@ class GRPO(Update):
         return grpo_advantages(rewards, groups, cfg.scale_rewards, batch)
 
     @torch.no_grad()
-    def correct_engine(self, ctx: UpdateContext, rollout: Rollout) -> dict[str, float]:
+    def correct_engine(self, ctx: UpdateContext, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Recompute the old log-probs with the trained model (in micro-batches), keep the sampler's
         as ``data["engine_log_probs"]``, and put the truncated importance weights in
-        ``data["engine_is_weights"]``; returns the mismatch stats."""
+        ``data["engine_is_weights"]``; returns the mismatch stats (0-dim tensors, not yet read)."""
         cfg = self.cfg
         engine = rollout.data.get("engine_log_probs", rollout.log_probs)
         old = torch.cat([ctx.model(rollout.select(idx)).detach().float()
                          for idx in torch.arange(rollout.batch_size).split(cfg.train_batch_size)])
-        weights, stats = engine_is_weights(old, engine, rollout.mask, cfg.engine_correction, cfg.engine_correction_max)
+        weights, stats = engine_is_weights(old, engine, rollout.mask, cfg.engine_correction, cfg.engine_correction_max,
+                                           tensor_stats=True)
         rollout.data["engine_log_probs"] = engine
         rollout.data["engine_is_weights"] = weights
         rollout.log_probs = old
@@ -390,7 +398,7 @@ class GRPO(Update):
         b = rollout.batch_size
         eps_low, eps_high = cfg.clip_bounds
         g = ctx.generator("update")
-        stats: dict[str, list[float]] = {}
+        stats = UpdateStats()  # read once, at the end
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
@@ -408,16 +416,14 @@ class GRPO(Update):
                             logp, mb.log_probs, adv[idx.to(device)], mb.mask, eps_low, cfg.beta, mb.ref_log_probs,
                             cfg.loss_type, epsilon_high=eps_high, importance_sampling_level=cfg.importance_sampling_level,
                             max_completion_length=cfg.max_completion_length, num_tokens=num_tokens,
-                            is_weights=mb.data.get("engine_is_weights"),
+                            is_weights=mb.data.get("engine_is_weights"), tensor_stats=True,
                         )
                         micro.backward(loss)
                     # logged per micro-batch on the scale of a whole-step loss
-                    stats.setdefault("loss", []).append(loss.item() * (len(window) if cfg.loss_type == "dapo" else 1))
-                    for key, value in step_stats.items():
-                        stats.setdefault(key, []).append(value)
-                stats.setdefault("grad_norm", []).append(ctx.optimizer_step())
-        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
-        out["completion_length"] = rollout.mask.float().sum(1).mean().item()
-        out["advantage_abs_mean"] = adv.abs().mean().item()
-        out.update(engine_stats)
-        return out
+                    stats.add("loss", loss, factor=len(window) if cfg.loss_type == "dapo" else 1)
+                    stats.update(step_stats)
+                stats.add("grad_norm", ctx.optimizer_step())
+        stats.add("completion_length", rollout.mask.float().sum(1).mean())
+        stats.add("advantage_abs_mean", adv.abs().mean())
+        stats.update(engine_stats)
+        return stats.means()  # the update's one read of its statistics

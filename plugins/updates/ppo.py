@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import torch
 
 from polyrl.context import UpdateContext
+from polyrl.stats import UpdateStats
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, windows
@@ -116,8 +117,10 @@ def step_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     last = torch.where(m, steps, torch.full_like(steps, -1)).max(1).values  # [B]; -1: no valid step
     out = torch.zeros((b, t), dtype=torch.float32, device=m.device)
     has = last >= 0
-    out[has.nonzero(as_tuple=True)[0], last[has]] = rewards.float().to(m.device)[has]
-    return out
+    # a scatter rather than a boolean index, which would read its size on the host (a sync); a row
+    # without a valid step writes a 0 into its (zero) first step
+    value = torch.where(has, rewards.float().to(m.device), torch.zeros((), device=m.device))
+    return out.scatter_(1, last.clamp(min=0).unsqueeze(1), value.unsqueeze(1))
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +173,14 @@ def ppo_loss(
     vf_coef: float = 0.5,
     entropy: torch.Tensor | None = None,
     ent_coef: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    *,
+    tensor_stats: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """PPO's loss on ``[b, T]`` tensors (``adv`` and ``returns`` per step); means over valid steps.
 
     Returns the loss and ``pg_loss``, ``vf_loss``, ``entropy``, ``approx_kl``
-    (``0.5 * mean(dlogp^2)``), ``clipfrac`` and ``vf_clipfrac``.
+    (``0.5 * mean(dlogp^2)``), ``clipfrac`` and ``vf_clipfrac``: Python floats, or with
+    ``tensor_stats`` 0-dim tensors on the loss's device (no host sync; see :class:`UpdateStats`).
     """
     m = mask.float()
     n = m.sum().clamp(min=1)
@@ -191,22 +197,22 @@ def ppo_loss(
         vf2, vf = vf1, vf1
     vf_loss = 0.5 * mean(vf)
     loss = pg_loss + vf_coef * vf_loss
-    stats: dict[str, float] = {}
+    stats: dict[str, torch.Tensor] = {}
     if entropy is not None:
         ent = mean(entropy)
         if ent_coef:
             loss = loss - ent_coef * ent
-        stats["entropy"] = ent.item()
+        stats["entropy"] = ent.detach()
     with torch.no_grad():
         d = (logp.detach() - old) * m
         stats.update(
-            pg_loss=pg_loss.item(),
-            vf_loss=vf_loss.item(),
-            approx_kl=(0.5 * (d**2).sum() / n).item(),
-            clipfrac=((((ratio.detach() - 1).abs() > clip_range).float() * m).sum() / n).item(),
-            vf_clipfrac=(((vf2.detach() > vf1.detach()).float() * m).sum() / n).item(),
+            pg_loss=pg_loss.detach(),
+            vf_loss=vf_loss.detach(),
+            approx_kl=0.5 * (d**2).sum() / n,
+            clipfrac=(((ratio.detach() - 1).abs() > clip_range).float() * m).sum() / n,
+            vf_clipfrac=((vf2.detach() > vf1.detach()).float() * m).sum() / n,
         )
-    return loss, stats
+    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 def adaptive_kl_coef(beta: float, kl: float, target: float | None) -> float:
@@ -236,6 +242,10 @@ class PPO(Update):
     def after_step(self, ctx: UpdateContext) -> dict[str, float]:
         return {}
 
+    def rollout_stats(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Statistics of the rollout logged after the update's own (0-dim tensors, read with them)."""
+        return {}
+
     # -------------------------------------------------------------------------------------
     def _check_policy(self, ctx: UpdateContext) -> None:
         if not getattr(ctx.policy, "has_value_head", False):
@@ -262,7 +272,8 @@ class PPO(Update):
         mask = rollout.mask
         m = mask.float()
         token_rewards = step_rewards(rewards.to(device), mask)
-        out: dict[str, float] = {"kl_coef": self.kl_coef}
+        out = UpdateStats()  # read once, at the end
+        out.add("kl_coef", self.kl_coef)
 
         if cfg.kl_coef > 0:
             kl_rollout, old_for_kl = self.kl_rollout(ctx, rollout)
@@ -273,20 +284,18 @@ class PPO(Update):
             if acc.num_processes > 1:
                 stats = acc.reduce(stats.to(device), reduction="sum")
                 stats[2] = stats[2] / acc.num_processes
-            kl_step = (stats[0] / stats[1].clamp(min=1)).item()
-            out.update(kl_ref=kl_step, kl_ref_sequence=stats[2].item())
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl_step, cfg.kl_target)
+            # read with the other statistics at the end: the adapted coefficient is the next iteration's
+            out.update({"kl_ref": stats[0] / stats[1].clamp(min=1), "kl_ref_sequence": stats[2]})
 
         old_values = self._old_values(ctx, rollout)
         adv, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
-        out.update(value_mean=((old_values * m).sum() / m.sum().clamp(min=1)).item(),
-                   return_mean=((returns * m).sum() / m.sum().clamp(min=1)).item())
+        out.update({"value_mean": (old_values * m).sum() / m.sum().clamp(min=1),
+                    "return_mean": (returns * m).sum() / m.sum().clamp(min=1)})
         if cfg.whiten_advantages:
             adv = masked_whiten(adv, mask, acc)
 
         b = rollout.batch_size
         g = ctx.generator("update")
-        stats_l: dict[str, list[float]] = {}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
@@ -298,16 +307,19 @@ class PPO(Update):
                         loss, step_stats = ppo_loss(
                             res["log_probs"], mb.log_probs, adv[i], res["values"], old_values[i], returns[i], mb.mask,
                             cfg.clip_range, cfg.clip_range_value, cfg.vf_coef, res.get("entropy"), cfg.ent_coef,
+                            tensor_stats=True,
                         )
                         micro.backward(loss)
-                    stats_l.setdefault("loss", []).append(loss.item())
-                    for key, value in step_stats.items():
-                        stats_l.setdefault(key, []).append(value)
-                stats_l.setdefault("grad_norm", []).append(ctx.optimizer_step())
-        out.update({k: sum(v) / len(v) for k, v in stats_l.items() if v})
-        out["completion_length"] = m.sum(1).mean().item()
+                    out.add("loss", loss)
+                    out.update(step_stats)
+                out.add("grad_norm", ctx.optimizer_step())
+        out.add("completion_length", m.sum(1).mean())
         out.update(self.after_step(ctx))
-        return out
+        out.update(self.rollout_stats(rollout))
+        means = out.means()  # the update's one read of its statistics
+        if "kl_ref" in means:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, means["kl_ref"], cfg.kl_target)
+        return means
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl_coef": self.kl_coef}

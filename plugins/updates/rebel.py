@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from polyrl.context import UpdateContext
+from polyrl.stats import UpdateStats
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, sequence_rewards, windows
@@ -94,13 +95,17 @@ def rebel_loss(
     mask: torch.Tensor,
     rewards: torch.Tensor,
     eta: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    *,
+    tensor_stats: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """REBEL's loss on ``N`` pairs laid out as rows ``2k`` (``y``) and ``2k + 1`` (``y'``).
 
     ``logp`` (current policy, with gradients), ``old`` (sampling policy) and ``mask`` are
     ``[2N, T]``; ``rewards`` is ``[2N]``. Returns the mean squared regression error over pairs and
     statistics: ``approx_kl = 0.5 * mean((log pi(y) - log pi_t(y))^2)`` over samples,
-    ``logratio_diff`` (the mean absolute predicted reward difference) and ``reward_diff_abs``.
+    ``logratio_diff`` (the mean absolute predicted reward difference) and ``reward_diff_abs``:
+    Python floats, or with ``tensor_stats`` 0-dim tensors on the loss's device (no host sync; see
+    :class:`UpdateStats`).
     """
     if logp.shape[0] % 2:
         raise ValueError(f"rebel_loss needs pairs (an even number of rows), got {logp.shape[0]}")
@@ -110,11 +115,11 @@ def rebel_loss(
     loss = ((pred - target) ** 2).mean()
     with torch.no_grad():
         stats = {
-            "approx_kl": (0.5 * ratio.detach() ** 2).mean().item(),
-            "logratio_diff": pred.detach().abs().mean().item(),
-            "reward_diff_abs": target.abs().mean().item(),
+            "approx_kl": (0.5 * ratio.detach() ** 2).mean(),
+            "logratio_diff": pred.detach().abs().mean(),
+            "reward_diff_abs": target.abs().mean(),
         }
-    return loss, stats
+    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 class REBEL(Update):
@@ -127,16 +132,14 @@ class REBEL(Update):
         device = ctx.accelerator.device
         rewards = sequence_rewards(rewards).float().to(device)
         rollout = rollout.to(device)
-        out: dict[str, float] = {}
+        out = UpdateStats()  # read once, at the end
         if cfg.kl_coef > 0:
             ref = ctx.policy.reference_log_probs(rollout)
             kl = sequence_log_probs(rollout.log_probs - ref, rollout.mask)  # [B]
             rewards = rewards - cfg.kl_coef * kl
-            out["kl_ref"] = kl.mean().item()
+            out.add("kl_ref", kl.mean())
         pairs = pair_indices([c.group for c in rollout.contexts])  # [N, 2]
         g = ctx.generator("update")
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "logratio_diff": [], "reward_diff_abs": [],
-                                         "grad_norm": []}
         pairs_per_micro = cfg.train_batch_size // 2
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(pairs.shape[0], generator=g)
@@ -146,11 +149,10 @@ class REBEL(Update):
                     mb = rollout.select(idx)
                     with micro:
                         logp = ctx.model(mb)  # [2n, T]
-                        loss, step_stats = rebel_loss(logp, mb.log_probs, mb.mask, rewards[idx.to(device)], cfg.eta)
+                        loss, step_stats = rebel_loss(logp, mb.log_probs, mb.mask, rewards[idx.to(device)], cfg.eta,
+                                                      tensor_stats=True)
                         micro.backward(loss)
-                    stats["loss"].append(loss.item())
-                    for key, value in step_stats.items():
-                        stats[key].append(value)
-                stats["grad_norm"].append(ctx.optimizer_step())
-        out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
-        return out
+                    out.add("loss", loss)
+                    out.update(step_stats)
+                out.add("grad_norm", ctx.optimizer_step())
+        return out.means()  # the update's one read of its statistics

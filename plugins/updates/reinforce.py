@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from polyrl.context import UpdateContext
-from polyrl.stats import group_advantages
+from polyrl.stats import UpdateStats, group_advantages
 from polyrl.types import Rollout, Update
 
 from .common import sequence_rewards, check_batching, gather_rewards, windows
@@ -65,7 +65,7 @@ class Reinforce(Update):
         rollout = rollout.to(device)
         perm = torch.arange(rollout.batch_size)
         window = next(windows(perm, cfg.train_batch_size, rollout.batch_size))
-        losses = []
+        stats = UpdateStats()  # read once, at the end
         for micro, idx in ctx.accumulate(window):
             mb = rollout.select(idx)
             with micro:
@@ -73,9 +73,10 @@ class Reinforce(Update):
                 seq_logp = (logp * mb.mask.float()).sum(1)
                 loss = -(adv[idx.to(device)] * seq_logp).mean()
                 micro.backward(loss)
-            losses.append(loss.item())
-        grad_norm = ctx.optimizer_step()
-        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm, "advantage_abs_mean": adv.abs().mean().item()}
+            stats.add("loss", loss)
+        stats.add("grad_norm", ctx.optimizer_step())
+        stats.add("advantage_abs_mean", adv.abs().mean())
+        return stats.means()  # the update's one read of its statistics
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema}

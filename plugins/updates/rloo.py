@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from polyrl.context import UpdateContext
+from polyrl.stats import UpdateStats
 from polyrl.types import ConfigError, Rollout, Update
 
 from .common import check_batching, checked_clip_bounds, sequence_rewards, windows
@@ -81,7 +82,7 @@ class RLOOConfig:
 def leave_one_out_advantages(rewards: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
     """``A_i = r_i - mean of the other rewards of i's group``; ``[B]`` from ``[B]``."""
     rewards = rewards.float()
-    gid = torch.as_tensor(list(groups), device=rewards.device)
+    gid = torch.as_tensor(list(groups))  # on the host: finding the groups reads no device value
     adv = torch.empty_like(rewards)
     for g in torch.unique(gid):
         idx = (gid == g).nonzero(as_tuple=True)[0]
@@ -95,10 +96,12 @@ def leave_one_out_advantages(rewards: torch.Tensor, groups: Sequence[int]) -> to
 
 def rloo_loss(
     logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, clip_range: float,
-    epsilon_high: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    epsilon_high: float | None = None, *, tensor_stats: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """Clipped surrogate on sequence ratios. ``logp``, ``old``, ``mask`` ``[b, T]``; ``adv`` ``[b]``.
-    ``clip_range`` is the lower clip epsilon and, unless ``epsilon_high`` is given, the upper one."""
+    ``clip_range`` is the lower clip epsilon and, unless ``epsilon_high`` is given, the upper one.
+    The statistics are Python floats, or with ``tensor_stats`` 0-dim tensors on the loss's device (no host sync; see
+    :class:`polyrl.stats.UpdateStats`)."""
     low, high = clip_range, clip_range if epsilon_high is None else epsilon_high
     m = mask.to(logp.dtype)
     log_ratio = ((logp - old) * m).sum(1)  # [b]
@@ -108,12 +111,12 @@ def rloo_loss(
     with torch.no_grad():
         r = ratio.detach()
         stats = {
-            "approx_kl": (0.5 * log_ratio.detach() ** 2).mean().item(),
-            "clipfrac": ((r < 1 - low) | (r > 1 + high)).float().mean().item(),
-            "clipfrac_low": ((r < 1 - low) & (adv < 0)).float().mean().item(),
-            "clipfrac_high": ((r > 1 + high) & (adv > 0)).float().mean().item(),
+            "approx_kl": (0.5 * log_ratio.detach() ** 2).mean(),
+            "clipfrac": ((r < 1 - low) | (r > 1 + high)).float().mean(),
+            "clipfrac_low": ((r < 1 - low) & (adv < 0)).float().mean(),
+            "clipfrac_high": ((r > 1 + high) & (adv > 0)).float().mean(),
         }
-    return loss, stats
+    return loss, (stats if tensor_stats else {k: v.item() for k, v in stats.items()})
 
 
 class RLOO(Update):
@@ -127,21 +130,19 @@ class RLOO(Update):
         device = acc.device
         rollout = rollout.to(device)
         rewards = sequence_rewards(rewards).float().to(device)
-        out: dict[str, float] = {}
+        out = UpdateStats()  # read once, at the end
         if cfg.kl_coef > 0:
             ref = ctx.policy.reference_log_probs(rollout)
             kl = ((rollout.log_probs - ref) * rollout.mask.float()).sum(1)  # [B]
             rewards = rewards - cfg.kl_coef * kl
-            out["kl_ref"] = kl.mean().item()
+            out.add("kl_ref", kl.mean())
         adv = leave_one_out_advantages(rewards, [c.group for c in rollout.contexts])
         if cfg.normalize_advantages:
             all_adv = acc.gather(adv) if acc.num_processes > 1 else adv
             adv = adv / (all_adv.std() + 1e-8)
-        out["advantage_abs_mean"] = adv.abs().mean().item()
+        out.add("advantage_abs_mean", adv.abs().mean())
         g = ctx.generator("update")
         low, high = cfg.clip_bounds
-        stats: dict[str, list[float]] = {"loss": [], "approx_kl": [], "clipfrac": [], "clipfrac_low": [],
-                                         "clipfrac_high": [], "grad_norm": []}
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(rollout.batch_size, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
@@ -149,11 +150,10 @@ class RLOO(Update):
                     mb = rollout.select(idx)
                     with micro:
                         logp = ctx.model(mb)
-                        loss, step_stats = rloo_loss(logp, mb.log_probs, mb.mask, adv[idx.to(device)], low, high)
+                        loss, step_stats = rloo_loss(logp, mb.log_probs, mb.mask, adv[idx.to(device)], low, high,
+                                                     tensor_stats=True)
                         micro.backward(loss)
-                    stats["loss"].append(loss.item())
-                    for key, value in step_stats.items():
-                        stats[key].append(value)
-                stats["grad_norm"].append(ctx.optimizer_step())
-        out.update({k: sum(v) / len(v) for k, v in stats.items() if v})
-        return out
+                    out.add("loss", loss)
+                    out.update(step_stats)
+                out.add("grad_norm", ctx.optimizer_step())
+        return out.means()  # the update's one read of its statistics
