@@ -39,6 +39,7 @@ from .heldout import HeldOut
 from .host import Host
 from .prompts import PromptSource
 from .resume import check_resume
+from .stats import as_floats
 from .types import ConfigError, Policy, RewardOutput, Rollout
 
 #: The signals that ask a run to stop: the first one finishes the iteration, saves and stops; a
@@ -160,6 +161,7 @@ class Trainer:
         else:
             grads = [p.grad.norm() for p in params if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        # the optimizer step's one host sync: whether the step may run must be known before it runs
         value = float(norm)
         if not math.isfinite(value):
             self.optimizer.zero_grad(set_to_none=True)
@@ -406,18 +408,16 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 trainer.completed = it
                 snapshot, in_update = None, False
 
-                all_rewards = acc.gather(rewards.per_sample.to(acc.device)).cpu()
-                per_sample = lambda v: v.sum(1) if v.dim() == 2 else v  # noqa: E731
+                all_rewards, components = _gathered_rewards(acc, rewards)  # the iteration's one host sync
                 metrics = {
                     "iteration": it,
-                    "reward_mean": all_rewards.mean().item(),
+                    "reward_mean": all_rewards.mean().item(),  # (on the host already: no sync)
                     "reward_std": all_rewards.std(unbiased=False).item(),
-                    **{f"reward/{k}": acc.gather(per_sample(v).to(acc.device)).mean().item()
-                       for k, v in rewards.components.items()},
+                    **{f"reward/{k}": v for k, v in components.items()},
                     **trainer._mean_over_processes(
                         {"time/sample": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2, "time/learn": t4 - t3,
                          "lr": lr,
-                         **{k: float(v) for k, v in (stats or {}).items()}}
+                         **as_floats(stats or {})}  # an update's tensors (if any) in one read
                     ),
                 }
                 if trainer.heldout is not None and trainer.heldout.due(it, run.iterations):
@@ -501,6 +501,19 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
     hook.polyrl_run_end(trainer=trainer, error=None)
     _lifecycle(trainer, "close")
     return trainer
+
+
+def _gathered_rewards(acc: Accelerator, rewards: RewardOutput) -> tuple[torch.Tensor, dict[str, float]]:
+    """Every process's per-sample rewards (on the host) and the mean of each reward component over
+    every process, read from the device in one transfer instead of one per component."""
+    per_sample = lambda v: v.sum(1) if v.dim() == 2 else v  # noqa: E731
+    everyone = acc.gather(rewards.per_sample.to(acc.device))
+    means = [acc.gather(per_sample(v).to(acc.device)).mean() for v in rewards.components.values()]
+    # float64 holds every value exactly; the rewards go back to their own dtype on the host
+    host = torch.cat([everyone.reshape(-1).double(), *(m.reshape(1).double() for m in means)]).cpu()
+    n = everyone.numel()
+    return (host[:n].to(everyone.dtype).reshape(everyone.shape),
+            dict(zip(rewards.components, host[n:].tolist())))
 
 
 def _lifecycle(trainer: Trainer, method: str) -> None:
