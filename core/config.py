@@ -88,6 +88,9 @@ class RunSettings:
     """Also record fixed-seed samples for the report every this many iterations (0: first and last)."""
     progress: bool = True
     """Show a progress bar (main process only)."""
+    tf32: bool = False
+    """Allow TensorFloat-32 matmuls and convolutions on NVIDIA GPUs (Ampere and later): float32
+    math at about bf16 speed with a 10-bit mantissa in the products. No effect on CPUs."""
     update_snapshot: Literal["auto", "memory", "none"] = "auto"
     """How a failure during the update keeps the run resumable. ``memory``: copy the trainable
     weights and the optimizer and update states before each update (about 3x the trainable
@@ -212,6 +215,11 @@ class OptimizerConfig:
     """Learning-rate schedule over iterations after the warm-up (decaying to 0 at the last)."""
     warmup_iterations: int = 0
     """Iterations of linear warm-up from 0 to ``lr``."""
+    implementation: Literal["torch", "fused", "8bit"] = "torch"
+    """Which AdamW: ``torch`` (``torch.optim.AdamW``), ``fused`` (its single-kernel form, same
+    update, faster on GPUs), ``8bit`` (bitsandbytes' block-wise 8-bit moments: 2 instead of 8
+    bytes of optimizer state per trained weight, for full fine-tunes of large models; ``pip install
+    'polyrl[bnb]'``)."""
 
     def check(self) -> None:
         if not 0 < self.lr <= 10:
@@ -225,6 +233,9 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_iterations < 0:
             raise ConfigError(f"optimizer.warmup_iterations must be >= 0, got {self.warmup_iterations}")
+        from .optim import check_implementation
+
+        check_implementation(self.implementation)
 
     def lr_factor(self, iterations: int):
         """The multiplier of ``lr`` after ``k`` completed iterations (for ``LambdaLR``)."""

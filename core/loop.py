@@ -37,6 +37,7 @@ from .context import UpdateContext
 from .errors import NonFiniteError, PolyrlError, RunStopped
 from .heldout import HeldOut
 from .host import Host
+from .optim import apply_numeric_settings, build_optimizer
 from .prompts import PromptSource
 from .resume import check_resume
 from .stats import as_floats
@@ -86,10 +87,13 @@ class Trainer:
                                        **trackers.accelerator_kwargs(run.log_with, self.run_dir))
         if run.threads:
             torch.set_num_threads(run.threads)
+        numeric_notes = apply_numeric_settings(run)
         if self.accelerator.is_main_process:
             if run.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
                 print("polyrl: mixed_precision fp16 has no autocast on a CPU: this run computes in float32 "
                       "(bf16 has one on CPUs)", file=sys.stderr, flush=True)
+            for note in numeric_notes:
+                print(f"polyrl: {note}", file=sys.stderr, flush=True)
         self.iteration = 0
         self.completed = 0
         self.sample_batch = 0
@@ -109,9 +113,7 @@ class Trainer:
         if not params:
             raise ConfigError(f"policy {config.policy.name!r} has no trainable parameters")
         opt = config.optimizer
-        optimizer = torch.optim.AdamW(
-            params, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, weight_decay=opt.weight_decay
-        )
+        optimizer = build_optimizer(params, opt)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opt.lr_factor(run.iterations))
         self._trainable = params
