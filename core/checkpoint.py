@@ -19,6 +19,11 @@ as the newest. No checkpoint is written from non-finite weights.
 ``.pt`` files are read with ``torch.load(weights_only=True)``, and only the files the manifest
 lists are read. All randomness of the loop's own phases is derived from (seed, iteration, process),
 so these files are all a resumed run needs to continue exactly as the uninterrupted run would have.
+
+Sharded training (FSDP2) writes the same files in the same layout: the trainable weights and the
+optimizer's moments are gathered into full tensors (:func:`full_optimizer_state`; a collective that
+every process joins) and the main process writes them; on resume every process reads the full
+files and keeps its own shard (:func:`shard_optimizer_state`, no communication).
 """
 
 from __future__ import annotations
@@ -207,6 +212,59 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if "config.yaml" in files:
         out["config_text"] = (path / "config.yaml").read_text(encoding="utf-8")
     return out
+
+
+def _is_dtensor(value: Any) -> bool:
+    return hasattr(value, "device_mesh") and hasattr(value, "placements")
+
+
+def full_optimizer_state(optimizer: Any, keep: bool = True) -> dict[str, Any]:
+    """A copy of ``optimizer.state_dict()`` in which every sharded (DTensor) state tensor is
+    gathered into its full value on the CPU: the state dict the unsharded optimizer would have.
+    With sharded parameters every process must call it together (one all-gather per tensor, in
+    the state dict's order), and a process that passes ``keep=False`` drops each gathered tensor
+    at once (it takes part, another process writes); without them it is a plain deep copy."""
+    import copy
+
+    state = optimizer.state_dict()
+    if not any(_is_dtensor(v) for s in state["state"].values() for v in s.values()):
+        return copy.deepcopy(state)
+    per_param = {
+        index: {k: _gathered(v, keep) if _is_dtensor(v) else copy.deepcopy(v) for k, v in s.items()}
+        for index, s in state["state"].items()
+    }
+    return {"state": per_param, "param_groups": copy.deepcopy(state["param_groups"])}
+
+
+def _gathered(value: Any, keep: bool) -> torch.Tensor | None:
+    full = value.full_tensor()
+    return full.detach().to("cpu", copy=True) if keep else None
+
+
+def shard_optimizer_state(optimizer: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (from :func:`full_optimizer_state` or an unsharded run) made loadable into an
+    optimizer over sharded parameters: each full tensor of a DTensor parameter's state becomes a
+    DTensor laid out as the parameter, each process keeping its own shard (no communication: every
+    process holds the full state). For unsharded parameters it is returned as it is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(_is_dtensor(p) for p in params):
+        return state
+    from torch.distributed.tensor import distribute_tensor
+
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    if len(ids) != len(params):
+        raise CheckpointError(
+            f"the checkpoint's optimizer state covers {len(ids)} parameters, the optimizer has {len(params)}")
+    by_id = dict(zip(ids, params))
+    out: dict[Any, Any] = {}
+    for index, entries in state["state"].items():
+        p = by_id[index]
+        out[index] = {
+            k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            if _is_dtensor(p) and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape) else v
+            for k, v in entries.items()
+        }
+    return {"state": out, "param_groups": state["param_groups"]}
 
 
 def rng_state() -> dict[str, Any]:

@@ -23,7 +23,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -31,7 +31,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import atomic, trackers
-from .checkpoint import latest_checkpoint, leftover_tmp, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (full_optimizer_state, latest_checkpoint, leftover_tmp, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state, shard_optimizer_state)
 from .config import RunConfig
 from .context import UpdateContext
 from .errors import NonFiniteError, PolyrlError, RunStopped
@@ -68,9 +69,22 @@ class Trainer:
         sampler, rewards (list of ``(name, weight, fn)``), update, optimizer.
         iteration: the iteration in progress (1-based); ``completed`` the last finished one.
         run_dir: where the run writes.
+        sharded: True when the policy's parameters are shards (FSDP2 through accelerate's profile,
+            or ``shard_policy``); checkpoints, ``policy/`` and the report then gather them, with
+            every process taking part.
+
+    Args:
+        shard_policy: ``fn(policy, accelerator)``, called on every process after the components are
+            built and before the optimizer is, to shard the policy in place (e.g. FSDP2's
+            ``fully_shard`` on each transformer block, then on the policy, as accelerate's FSDP2
+            profile does). Its trainable parameters must then be DTensors; accelerate prepares
+            only the optimizer (the sharded policy is not wrapped in DDP). For launches where
+            accelerate does not shard (its FSDP plugin is GPU-only: CPU process groups); on GPUs
+            use the accelerate profile and leave it None.
     """
 
-    def __init__(self, config: RunConfig, host: Host, resume: bool = False) -> None:
+    def __init__(self, config: RunConfig, host: Host, resume: bool = False,
+                 shard_policy: Callable[[Policy, Accelerator], Any] | None = None) -> None:
         self.config = config
         self.host = host
         run = config.run
@@ -109,12 +123,26 @@ class Trainer:
         self.rewards = host.build_rewards(config, self.policy)
         self.update = host.build_update(config)
         self.heldout = HeldOut(self) if config.eval is not None else None  # rewards the update never sees
+        if shard_policy is not None or self.accelerator.distributed_type.value == "FSDP":
+            # sharding keeps each process's own slice: start from process 0's weights, as DDP does
+            # (the trainable initialisation, LoRA's or a value head's, is drawn per process)
+            _broadcast_trainable(self.policy, self.accelerator)
+        if shard_policy is not None:
+            shard_policy(self.policy, self.accelerator)
+            if not _sharded(self.policy):
+                raise ConfigError("shard_policy left the policy's trainable parameters unsharded (no DTensors)")
         params = self.policy.trainable_parameters()
         if not params:
             raise ConfigError(f"policy {config.policy.name!r} has no trainable parameters")
         opt = config.optimizer
         optimizer = build_optimizer(params, opt)
-        self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
+        if shard_policy is not None:  # already sharded: no DDP wrapper around it
+            self.model, self.optimizer = self.policy, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.policy, optimizer)
+        self.sharded = _sharded(self.policy)
+        if self.sharded:  # accelerate's FSDP2 replaces the parameters with DTensor ones
+            params = self.policy.trainable_parameters()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, opt.lr_factor(run.iterations))
         self._trainable = params
         n_trainable = sum(p.numel() for p in params)
@@ -127,6 +155,7 @@ class Trainer:
         self._update_context: UpdateContext | None = None  # the iteration's, built by the loop
         self.optimizer_steps = 0  # optimizer steps taken in this process (a failed update: did it step?)
         self._stop_signal: int | None = None
+        self._stopped_together = False  # every process raised RunStopped at the same point
         self._saving = False
 
     # ------------------------------------------------------------------ helpers for updates
@@ -163,6 +192,8 @@ class Trainer:
         else:
             grads = [p.grad.norm() for p in params if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else torch.tensor(0.0)
+        if callable(getattr(norm, "full_tensor", None)):  # sharded gradients: the global norm
+            norm = norm.full_tensor()
         # the optimizer step's one host sync: whether the step may run must be known before it runs
         value = float(norm)
         if not math.isfinite(value):
@@ -178,11 +209,15 @@ class Trainer:
         return value
 
     # ------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
+    def _state(self, everywhere: bool = True) -> dict[str, Any]:
+        """The state a checkpoint holds; with a sharded policy every process must call it (the
+        weights and the optimizer's moments are gathered into full tensors; ``everywhere=False``:
+        only the main process keeps the optimizer's, the one that writes)."""
+        keep = everywhere or self.accelerator.is_main_process
         return {
             "trainable": self.policy.trainable_state_dict(),
             "optimizer": {
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "optimizer": full_optimizer_state(self.optimizer, keep=keep),
                 "scheduler": self.scheduler.state_dict(),
             },
             "update": copy.deepcopy(self.update.state_dict()),
@@ -191,7 +226,7 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.policy.load_trainable_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, state["optimizer"]["optimizer"]))
         self.scheduler.load_state_dict(state["optimizer"]["scheduler"])
         self.update.load_state_dict(state["update"])
         for name, _, fn in self.rewards:
@@ -199,10 +234,14 @@ class Trainer:
                 fn.load_state_dict(state.get("rewards", {}).get(name, {}))
 
     def save(self, iteration: int, state: dict[str, Any] | None = None) -> None:
-        """Write a checkpoint of the state after ``iteration`` (main process only; no collectives)."""
+        """Write a checkpoint of the state after ``iteration``: the main process writes. Unsharded,
+        only the main process needs to call it (no collectives); sharded, every process must
+        (the state is gathered)."""
+        if not self.accelerator.is_main_process and not self.sharded:
+            return
+        state = state or self._state(everywhere=False)
         if not self.accelerator.is_main_process:
             return
-        state = state or self._state()
         self._saving = True
         try:
             save_checkpoint(
@@ -214,6 +253,22 @@ class Trainer:
             )
         finally:
             self._saving = False
+
+    def save_policy(self) -> None:
+        """Write ``policy/`` (see the policy's ``save_pretrained``): unsharded, the main process
+        writes and only it needs to call this; sharded, every process must (the weights are
+        gathered; rank 0 writes)."""
+        if self.sharded or self.accelerator.is_main_process:
+            self.policy.save_pretrained(str(self.run_dir / "policy"))
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        """Around what calls the policy on some processes only, or a different number of times on
+        each (the report's samples, the held-out evaluation): with a sharded policy every process
+        enters it together and every parameter is gathered for the block, so that the policy's
+        passes inside need no collectives. Nothing happens without sharding."""
+        if self.sharded and hasattr(self.policy, "unsharded"):
+            return self.policy.unsharded(recurse=True)
+        return contextlib.nullcontext()
 
     def config_text(self) -> str:
         return yaml.safe_dump(self.config.to_dict(), sort_keys=False)
@@ -305,6 +360,19 @@ class Trainer:
                 signal.signal(sig, old)
 
 
+def _broadcast_trainable(policy: Policy, acc: Accelerator) -> None:
+    """Every process's trainable parameters become process 0's (before sharding)."""
+    if acc.num_processes > 1:
+        with torch.no_grad():
+            for p in policy.trainable_parameters():
+                torch.distributed.broadcast(p.data, src=0)
+
+
+def _sharded(policy: torch.nn.Module) -> bool:
+    """Whether the policy's parameters are shards (DTensors: FSDP2)."""
+    return any(hasattr(p, "device_mesh") and hasattr(p, "placements") for p in policy.parameters())
+
+
 def launch_summary(acc: Accelerator) -> str:
     """One line: how many processes, on which device, in which distributed mode, with how many
     CPU threads each."""
@@ -317,10 +385,12 @@ def launch_summary(acc: Accelerator) -> str:
             f"mixed precision: {acc.mixed_precision}")
 
 
-def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
-    """Run (or with ``resume`` continue) the configured RL fine-tuning. Returns the trainer."""
+def train(config: RunConfig, host: Host, resume: bool = False,
+          shard_policy: Callable[[Policy, Accelerator], Any] | None = None) -> Trainer:
+    """Run (or with ``resume`` continue) the configured RL fine-tuning. Returns the trainer.
+    ``shard_policy``: see :class:`Trainer` (sharding where accelerate does not apply it)."""
     changes = check_resume(config) if resume else []  # refused changes stop here, before any model loads
-    trainer = Trainer(config, host, resume=resume)
+    trainer = Trainer(config, host, resume=resume, shard_policy=shard_policy)
     acc, run, hook = trainer.accelerator, config.run, host.pm.hook
     messages = changes + (trainer.resume() if resume else [])
     if acc.is_main_process:
@@ -339,8 +409,10 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
     from . import report
 
     trackers.start(trainer)
-    if acc.is_main_process and run.report and trainer.completed == 0:
-        report.record_samples(trainer, tag=0)
+    if run.report and trainer.completed == 0:
+        with trainer.gathered():  # sharded: every process gathers, the main one samples
+            if acc.is_main_process:
+                report.record_samples(trainer, tag=0)
     _lifecycle(trainer, "setup")
     hook.polyrl_run_start(trainer=trainer)
 
@@ -424,7 +496,8 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 }
                 if trainer.heldout is not None and trainer.heldout.due(it, run.iterations):
                     trainer.phase = "eval"
-                    metrics.update(trainer.heldout.run(trainer))
+                    with trainer.gathered():
+                        metrics.update(trainer.heldout.run(trainer))
                     trainer.phase = "log"
                 if acc.is_main_process:
                     atomic.append_line(trainer.run_dir / "metrics.jsonl", json.dumps(metrics))
@@ -444,9 +517,12 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                 if stop and not periodic:
                     trainer.save(it)
                     acc.wait_for_everyone()
-                if acc.is_main_process and run.report and run.report_every and it % run.report_every == 0:
-                    report.record_samples(trainer, tag=it)
+                if run.report and run.report_every and it % run.report_every == 0:
+                    with trainer.gathered():
+                        if acc.is_main_process:
+                            report.record_samples(trainer, tag=it)
                 if stop:
+                    trainer._stopped_together = True
                     raise RunStopped(trainer._stop_signal or signal.SIGINT)
     except BaseException as error:
         bar.close()
@@ -464,6 +540,11 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
             retry = consistent and not saved and not isinstance(error, atomic.DiskFullError) and not (
                 isinstance(error, NonFiniteError) and not in_update
             )
+            # sharded, saving gathers (a collective): only where every process stopped at the same
+            # point (the agreed stop; a non-finite global gradient norm), never after one process's error
+            together = not trainer.sharded or trainer._stopped_together or (
+                isinstance(error, NonFiniteError) and in_update)
+            retry = retry and together
             if retry:
                 try:
                     trainer.save(trainer.completed)
@@ -483,7 +564,11 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
                     + (f"; continue with `polyrl train --resume {trainer.run_dir}`" if newest is not None else ""),
                     file=sys.stderr,
                 )
-                _outputs_after_stop(trainer, save_policy=bool(saved))
+                _outputs_after_stop(trainer, save_policy=bool(saved) and not trainer.sharded)
+            if trainer.sharded and together:  # every process is here: agree on the outcome, then gather
+                everywhere = acc.reduce(torch.tensor(float(bool(saved)), device=acc.device), reduction="sum")
+                if everywhere.item() == acc.num_processes:
+                    _quietly("saving policy/", trainer.save_policy)
         _quietly("closing the trackers", trackers.finish, acc)
         hook.polyrl_run_end(trainer=trainer, error=error)
         _lifecycle(trainer, "close")
@@ -491,12 +576,13 @@ def train(config: RunConfig, host: Host, resume: bool = False) -> Trainer:
     bar.close()
     if reward_pool is not None:
         reward_pool.shutdown()
-    policy_dir = trainer.run_dir / "policy"
-    if acc.is_main_process:
-        trainer.policy.save_pretrained(str(policy_dir))
-        if run.report:
-            if not run.report_every or run.iterations % run.report_every:
-                report.record_samples(trainer, tag=run.iterations)
+    trainer.save_policy()
+    if run.report:
+        if not run.report_every or run.iterations % run.report_every:
+            with trainer.gathered():
+                if acc.is_main_process:
+                    report.record_samples(trainer, tag=run.iterations)
+        if acc.is_main_process:
             report.write_report(trainer.run_dir)
     acc.wait_for_everyone()
     trackers.finish(acc)

@@ -32,7 +32,11 @@ class CausalLMConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) to load; null for the default."""
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Dtype the weights are loaded in (log-probs are always computed in float32)."""
+    """Dtype of the frozen weights: the base model under LoRA, the reference copy of a full
+    fine-tune and NLPO's masking policy (bfloat16 halves their memory). The trained weights (a full
+    fine-tune's, LoRA's adapters, the value head) are float32 whatever this says, so that AdamW's
+    small updates are not rounded away; bf16 compute comes from ``run.mixed_precision: bf16``
+    (autocast). Log-probs are always computed in float32."""
     trust_remote_code: bool = False
     """Allow model code from the Hub repository to run (only passed to transformers when true)."""
     lora_rank: int = 0
@@ -50,6 +54,18 @@ class CausalLMConfig:
     value_head: bool = False
     """Add a value head for actor-critic updates (ppo, nlpo, dr_po): a trainable linear layer
     from the last hidden state to a scalar, saved with the trained weights."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder block's activations in the backward pass instead of keeping them
+    (transformers' non-reentrant gradient checkpointing, with LoRA too): the training passes keep
+    about one block's activations plus each block's input, for roughly a third more update time.
+    Log-probs and gradients are unchanged."""
+    log_prob_chunk_tokens: int = 512
+    """Tokens per chunk when the log-probs of the sampled tokens are computed without entropies:
+    ``logit[token] - logsumexp(logits)`` chunk by chunk, with a hand-written backward, so that no
+    float32 ``[batch, tokens, vocab]`` log-softmax (nor its gradient) is ever held; the float32
+    temporaries are a few ``[chunk, vocab]`` tensors (at a vocabulary of 152k, 311 MB each at 512
+    tokens instead of 5 GB for 16 x 512 tokens). 0 computes the full log-softmax as before. The
+    log-probs are the same up to float rounding."""
 
     def check(self) -> None:
         if self.lora_rank < 0:
@@ -60,6 +76,8 @@ class CausalLMConfig:
             raise ConfigError(f"policy.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_target_modules is not None and len(self.lora_target_modules) == 0:
             raise ConfigError("policy.lora_target_modules is empty; give module names or null for peft's default")
+        if self.log_prob_chunk_tokens < 0:
+            raise ConfigError(f"policy.log_prob_chunk_tokens must be >= 0 (0 = no chunking), got {self.log_prob_chunk_tokens}")
         check_model_source(self.pretrained, "policy.pretrained", "a transformers model folder (config.json and weights)")
 
 
@@ -110,6 +128,7 @@ class CausalLMPolicy(Policy):
         self.tokenizer = tokenizer
 
         model = self._load_base_model()
+        self.frozen_dtype: torch.dtype = next(model.parameters()).dtype  # torch_dtype as loaded ("auto" resolved)
         if config.lora_rank > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -128,8 +147,18 @@ class CausalLMPolicy(Policy):
                     model = get_peft_model(model, lora)
             except ValueError as e:
                 raise ConfigError(f"policy.lora_target_modules: {e}") from e
-        else:
-            model.requires_grad_(True)
+            for p in model.parameters():  # float32 adapters on a bf16/fp16 base (peft's default too)
+                if p.requires_grad and p.dtype != torch.float32:
+                    p.data = p.data.float()
+        else:  # a full fine-tune trains float32 master weights whatever torch_dtype says
+            model.to(torch.float32).requires_grad_(True)
+        if config.gradient_checkpointing:
+            base = model.get_base_model() if config.lora_rank > 0 else model
+            if not getattr(base, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"policy.gradient_checkpointing: {type(base).__name__} does not support gradient "
+                                  "checkpointing in transformers; set it to false")
+            # non-reentrant: no inputs that require grad needed (LoRA's embeddings are frozen)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model: nn.Module = model
         self._ref_holder: list[nn.Module] = []  # the frozen copy for full fine-tuning, not a submodule
         self._mask_holder: list[nn.Module] = []  # NLPO's masking policy (a frozen copy), not a submodule
@@ -227,11 +256,16 @@ class CausalLMPolicy(Policy):
             hidden = pick(hidden) if hidden is not None else None
             tokens = tokens.gather(1, steps)
             mask = mask.gather(1, steps)
-        processed = process_logits(logits, settings)
-        if mask_logits is not None:
-            processed = apply_action_mask(processed, mask_logits, top[0], int(top[1]), self.eos_token_id)
-        logp_all = processed.log_softmax(dim=-1)
-        lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        chunk = self.config.log_prob_chunk_tokens
+        if with_entropy or chunk == 0:  # the whole processed distribution, kept for the entropy
+            processed = process_logits(logits, settings)
+            if mask_logits is not None:
+                processed = apply_action_mask(processed, mask_logits, top[0], int(top[1]), self.eos_token_id)
+            logp_all = processed.log_softmax(dim=-1)
+            lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        else:  # no float32 [B, T, V] tensor: chunks of `chunk` tokens, forward and backward
+            action = None if mask_logits is None else (top[0], int(top[1]), self.eos_token_id)
+            lp = _SampledTokenLogProbs.apply(logits, tokens, mask_logits, settings, action, chunk)
         zero = torch.zeros_like(lp)
         result = {"log_probs": torch.where(mask, lp, zero)}
         if with_entropy:
@@ -320,6 +354,8 @@ class CausalLMPolicy(Policy):
         import copy
 
         mask_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if not self.is_lora:  # frozen: in torch_dtype, like the reference copy (LoRA's base already is)
+            mask_model.to(self.frozen_dtype)
         state = state if state else self.trainable_state_dict()
         weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         mask_model.load_state_dict(weights, strict=False)
@@ -338,29 +374,65 @@ class CausalLMPolicy(Policy):
             return self._log_probs(ref, rollout, steps)
 
     # ------------------------------------------------------------------ sharded training (FSDP2)
+    @property
+    def is_sharded(self) -> bool:
+        """True when the policy's parameters are FSDP2 shards (DTensors)."""
+        return any(_is_dtensor(p) for p in self.parameters())
+
     @contextlib.contextmanager
-    def unsharded(self) -> Iterator[None]:
+    def unsharded(self, recurse: bool = False) -> Iterator[None]:
         """Around passes that call ``self.model`` directly (the reference policy, sampling) when the
-        policy is sharded with FSDP2 (``fully_shard``, as accelerate's FSDP2 profile does): the
-        root's own parameters (embeddings, final norm) are gathered for the pass, and sharded
-        again after it. Every process must enter it together. Nothing happens when not sharded."""
+        policy is sharded with FSDP2 (``fully_shard``, as accelerate's FSDP2 profile does). Every
+        process must enter it together. Nothing happens when not sharded.
+
+        ``recurse=False``: the root's own parameters (embeddings, final norm) are gathered for the
+        pass and the blocks gather theirs as they run, as in training; enough for one forward that
+        every process makes (the reference pass). ``recurse=True``: every parameter is gathered on
+        entry and stays gathered until the outermost exit, so that the processes may then call the
+        model a different number of times (generation stops at EOS at a different step on each
+        process) or only one of them may (the report's samples); it holds the full model in memory
+        for the duration. Inside a ``recurse=True`` block, entering again does nothing."""
         unshard = getattr(self, "unshard", None)
-        if not callable(unshard) or not hasattr(self, "reshard"):
+        if not callable(unshard) or not hasattr(self, "reshard") or getattr(self, "_all_gathered", False):
             yield
             return
         state = getattr(self, "_get_fsdp_state", lambda: None)()
         if state is not None and callable(getattr(state, "_lazy_init", None)):
             state._lazy_init()  # FSDP2 picks its root at the first forward: make it this policy, not a block
-        unshard()
+        if not recurse:
+            unshard()
+            try:
+                yield
+            finally:
+                self.reshard()
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.modules() if isinstance(m, FSDPModule)]
+        # no resharding after each forward while gathered (restored on exit): a block's forward then
+        # finds its parameters gathered and communicates nothing
+        saved = [(g, g.post_forward_mesh_info) for m in units for g in m._get_fsdp_state()._fsdp_param_groups]
+        for m in units:
+            m.unshard()
+        for g, _ in saved:
+            g.post_forward_mesh_info = None
+        self._all_gathered = True
         try:
             yield
         finally:
-            self.reshard()
+            self._all_gathered = False
+            for g, info in saved:
+                g.post_forward_mesh_info = info
+            for m in units:
+                m.reshard()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights as full CPU tensors. Parameters sharded with FSDP2 (DTensors) are
         gathered: every process must call it together, and every process gets the full state."""
-        return {k: _full_tensor(v) for k, v in super().trainable_state_dict().items()}
+        if not self.is_sharded:
+            return super().trainable_state_dict()
+        # gathered where the shards live (a CPU copy of a GPU shard could not be gathered by NCCL)
+        return {n: _full_tensor(p.detach()) for n, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state) -> None:
         """Load full tensors (from :meth:`trainable_state_dict` or a checkpoint); into FSDP2-sharded
@@ -398,7 +470,12 @@ class CausalLMPolicy(Policy):
         ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)``.
         Full fine-tuning: a transformers model folder (``AutoModelForCausalLM.from_pretrained(path)``).
         A value head is saved beside them as ``value_head.safetensors`` (``weight``, ``bias``).
+        Under FSDP2 every process must call it: the tensors to save are gathered into full ones
+        (a collective) and the process of rank 0 writes the same folder as without sharding.
         """
+        if self.is_sharded:
+            self._save_sharded(path)
+            return
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
@@ -408,11 +485,50 @@ class CausalLMPolicy(Policy):
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                       str(Path(path) / "value_head.safetensors"))
 
+    def _save_sharded(self, path: str) -> None:
+        """:meth:`save_pretrained` of an FSDP2-sharded policy: with LoRA only the adapter's tensors
+        are gathered, with full fine-tuning the whole model; one tensor at a time, kept by rank 0."""
+        import torch.distributed as dist
+
+        writer = dist.get_rank() == 0
+        local = self.model.state_dict()
+        if self.is_lora:
+            from peft import get_peft_model_state_dict
+
+            # the names peft saves: the adapter (and modules_to_save), never the frozen base model
+            adapter = self.model.active_adapter
+            names = set(get_peft_model_state_dict(self.model, state_dict=dict(local), adapter_name=adapter,
+                                                  save_embedding_layers=False))
+            wanted = [k for k in local if k.replace(f".{adapter}", "") in names]  # peft's own renaming
+        else:
+            wanted = list(local)
+        full = {}
+        for k in wanted:
+            v = _full_tensor(local[k])
+            if writer:
+                full[k] = v.detach().cpu()
+        head = None
+        if self.value_head is not None:
+            head = {k: _full_tensor(v).detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}
+        if not writer:
+            return
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, state_dict=full)
+        self.tokenizer.save_pretrained(path)
+        if head is not None:
+            from safetensors.torch import save_file
+
+            save_file(head, str(Path(path) / "value_head.safetensors"))
+
+
+def _is_dtensor(value: Any) -> bool:
+    return hasattr(value, "device_mesh") and hasattr(value, "placements")
+
 
 def _full_tensor(value: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value on CPU (a collective); any other tensor as it is."""
+    """A DTensor's full value, copied to the CPU (a collective); any other tensor as it is."""
     full = getattr(value, "full_tensor", None)
-    return full().detach().cpu().contiguous() if callable(full) else value
+    return full().detach().to("cpu", copy=True).contiguous() if callable(full) else value
 
 
 def _zero_dropout(config: Any, depth: int = 0) -> None:
@@ -431,3 +547,75 @@ def _hidden_size(config: Any) -> int:
         if isinstance(value, int):
             return value
     raise ConfigError(f"policy.value_head: cannot tell the hidden size of a {type(config).__name__}")
+
+
+def _token_chunks(batch: int, steps: int, chunk: int) -> Iterator[tuple[slice, slice]]:
+    """``(rows, columns)`` of a ``[batch, steps]`` grid in pieces of at most ``chunk`` tokens
+    (whole rows when a row is shorter than a chunk), each a view of a ``[batch, steps, V]`` tensor
+    without copying it."""
+    if steps >= chunk:
+        for b in range(batch):
+            for t in range(0, steps, chunk):
+                yield slice(b, b + 1), slice(t, t + chunk)
+    else:
+        rows = max(1, chunk // max(steps, 1))
+        for b in range(0, batch, rows):
+            yield slice(b, b + rows), slice(None)
+
+
+class _SampledTokenLogProbs(torch.autograd.Function):
+    """Log-probs ``[B, T]`` of ``tokens`` under the processed distribution of ``logits [B, T, V]``
+    (temperature, top-k, top-p, NLPO's action mask: the sampler's), equal to
+    ``process_logits(...).log_softmax(-1).gather(tokens)`` up to float rounding, computed chunk by
+    chunk: ``(z_tok - max z) - log sum exp(z - max z)`` with ``z`` the processed float32 logits of
+    one chunk. The backward recomputes ``z`` chunk by chunk from the saved logits (kept in their own
+    dtype) and the per-token max and log-normaliser, and writes ``(onehot - softmax(z)) * g / T``,
+    so that no float32 ``[B, T, V]`` tensor exists in either pass."""
+
+    @staticmethod
+    def _processed(logits, settings, mask_logits, action) -> torch.Tensor:
+        z = process_logits(logits, settings)
+        if action is not None:
+            z = apply_action_mask(z, mask_logits, action[0], action[1], action[2])
+        return z
+
+    @staticmethod
+    def forward(ctx, logits, tokens, mask_logits, settings, action, chunk):
+        B, T = tokens.shape
+        out = torch.empty((B, T), dtype=torch.float32, device=logits.device)
+        maxes = torch.empty_like(out)
+        log_norm = torch.empty_like(out)
+        for sl in _token_chunks(B, T, chunk):
+            z = _SampledTokenLogProbs._processed(logits[sl], settings, None if action is None else mask_logits[sl], action)
+            m = z.amax(-1, keepdim=True)
+            shifted = z - m  # a new tensor: z may be the logits themselves
+            picked = shifted.gather(-1, tokens[sl].unsqueeze(-1)).squeeze(-1)
+            norm = shifted.exp_().sum(-1).log_()
+            out[sl] = picked - norm
+            maxes[sl] = m.squeeze(-1)
+            log_norm[sl] = norm
+        ctx.settings, ctx.action, ctx.chunk = settings, action, chunk
+        ctx.save_for_backward(logits, tokens, maxes, log_norm, *([mask_logits] if action is not None else []))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, tokens, maxes, log_norm, *rest = ctx.saved_tensors
+        mask_logits = rest[0] if rest else None
+        settings, action = ctx.settings, ctx.action
+        filtered = action is not None or 0 < settings.top_k < logits.shape[-1] or settings.top_p < 1.0
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        B, T = tokens.shape
+        grad = grad.float()
+        for sl in _token_chunks(B, T, ctx.chunk):
+            z = _SampledTokenLogProbs._processed(logits[sl], settings, None if action is None else mask_logits[sl], action)
+            g = grad[sl].unsqueeze(-1)
+            d = (z - maxes[sl].unsqueeze(-1)).sub_(log_norm[sl].unsqueeze(-1)).exp_()  # softmax(z)
+            d.mul_(g).neg_()
+            d.scatter_add_(-1, tokens[sl].unsqueeze(-1), g)  # + onehot * g
+            if filtered:  # filtered tokens get no gradient (masked_fill's backward)
+                d.masked_fill_(z == float("-inf"), 0.0)
+            if settings.temperature != 1.0:
+                d.div_(settings.temperature)
+            grad_logits[sl] = d
+        return grad_logits, None, None, None, None, None

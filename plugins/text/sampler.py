@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -237,6 +238,10 @@ class TextSampler(Sampler):
         mask_model = getattr(policy, "mask_model", None) if mask_settings else None
         was_training = model.training
         model.eval()  # no dropout while sampling
+        gathered = contextlib.ExitStack()
+        if hasattr(policy, "unsharded"):  # FSDP2: every parameter gathered while sampling, since each
+            # process stops at its own step (nothing happens when the policy is not sharded)
+            gathered.enter_context(policy.unsharded(recurse=True))
         try:
             chunks = []
             for i in range(0, B, cfg.batch_size):
@@ -249,6 +254,7 @@ class TextSampler(Sampler):
                 ))
         finally:
             model.train(was_training)
+            gathered.close()
         T = max(c[0].shape[1] for c in chunks)
         completion = torch.full((B, T), policy.pad_token_id, dtype=torch.long, device=device)
         log_probs = torch.zeros((B, T), dtype=torch.float32, device=device)
