@@ -20,7 +20,7 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,13 @@ from polyrl.types import ConfigError, Reward, Rollout
 
 from .clip_score import _OPEN_CLIP, _shown, check_model_reference, load_open_clip
 
-__all__ = ["AestheticConfig", "AestheticMLP", "AestheticReward", "fetch_head", "load_aesthetic_head"]
+__all__ = ["AestheticConfig", "AestheticMLP", "AestheticReward", "drop_text_tower", "fetch_head", "load_aesthetic_head"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: The attributes of an open_clip model that only its text tower uses (CLIP and CustomTextCLIP).
+TEXT_TOWER = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text",
+              "attn_mask")
 
 HEAD_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
@@ -144,11 +150,18 @@ class AestheticConfig:
     folders and hub ids)."""
     batch_size: int = 32
     """Images encoded by CLIP at once."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the CLIP image encoder's weights and activations (the head and the score stay
+    float32). ``float16``/``bfloat16`` halve the encoder's memory (ViT-L/14: 1.2 to 0.6 GB); the
+    scores move by about 1e-2 on the 1-10 scale. Only the image tower is kept either way: the text
+    tower (0.5 GB for ViT-L/14 in float32) is dropped after loading."""
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {sorted(_DTYPES)}")
         if not _is_url(self.head) and not Path(resolve_path(self.head)).expanduser().is_file():
             raise ConfigError(
                 f"head: no such file {self.head!r}; give a local .pth file or a URL (default {HEAD_URL})"
@@ -168,6 +181,9 @@ class AestheticReward(Reward):
         cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
         with model_load_errors("rewards.aesthetic.model", _shown(cfg.model, cfg.pretrained), _OPEN_CLIP):
             self.clip, _, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
+        drop_text_tower(self.clip)
+        self.dtype = _DTYPES[cfg.dtype]
+        self.clip.to(self.dtype)
         dim = _embed_dim(self.clip)
         with model_load_errors("rewards.aesthetic.head", cfg.head, "a local .pth file"):
             head_file = fetch_head(cfg.head, cache and Path(cache) / "aesthetic")
@@ -178,13 +194,24 @@ class AestheticReward(Reward):
         """L2-normalised CLIP image features ``[B, D]`` float32 of images ``[B, 3, H, W]`` in [0, 1]."""
         out = []
         for chunk in images.split(self.cfg.batch_size):
-            x = self.preprocess(chunk.to(self.device))
+            x = self.preprocess(chunk.to(self.device)).to(self.dtype)
             out.append(F.normalize(self.clip.encode_image(x).float(), dim=-1))
         return torch.cat(out)
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout) -> torch.Tensor:
         return self.head(self.features(rollout.outputs["images"])).float().cpu()
+
+
+def drop_text_tower(clip) -> int:
+    """Remove the text tower of an open_clip model that only encodes images (the aesthetic score
+    never reads text); returns the number of parameters removed."""
+    before = sum(p.numel() for p in clip.parameters())
+    for name in TEXT_TOWER:
+        if name in getattr(clip, "_modules", {}) or name in getattr(clip, "_parameters", {}) \
+                or name in getattr(clip, "_buffers", {}):
+            setattr(clip, name, None)
+    return before - sum(p.numel() for p in clip.parameters())
 
 
 def _embed_dim(clip) -> int:

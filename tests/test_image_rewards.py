@@ -273,3 +273,28 @@ def test_make_tiny_world_quick_run_writes_loadable_models(tmp_path):
     open_clip.create_model_and_transforms(f"local-dir:{out / 'tiny-clip'}")
     assert (tmp_path / "docs" / "tiny_world_samples.png").is_file()
     assert json.loads((out / "tiny-sd" / "world.json").read_text())["steps"]["sd"] == 10
+
+
+def test_aesthetic_reward_keeps_only_the_image_tower_and_takes_a_dtype(tmp_path, tiny_images):
+    """The text tower is dropped (the scores do not change: the full-model computation above is
+    the reference); a bfloat16 encoder halves its memory and moves the scores only a little."""
+    images, prompts = tiny_images
+    head = AestheticMLP(input_dim=64)
+    torch.manual_seed(0)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    base = {"head": str(tmp_path / "head.pth"), "model": "assets/tiny-clip", "pretrained": None}
+    full = open_clip.create_model(f"local-dir:{TINY_CLIP}")
+    reward = AestheticReward(from_dict(AestheticConfig, base, "rewards.aesthetic"))
+    names = [n for n, _ in reward.clip.named_parameters()]
+    assert names and all(n.startswith(("visual.", "logit_")) for n in names)  # no text tower
+    assert sum(p.numel() for p in reward.clip.parameters()) < sum(p.numel() for p in full.parameters())
+    scores = reward(image_rollout(images, prompts))
+    low = AestheticReward(from_dict(AestheticConfig, {**base, "dtype": "bfloat16"}, "rewards.aesthetic"))
+    assert {p.dtype for p in low.clip.parameters()} == {torch.bfloat16}
+    low_scores = low(image_rollout(images, prompts))
+    assert low_scores.dtype == torch.float32
+    torch.testing.assert_close(low_scores, scores, atol=0.05 * float(scores.abs().max()), rtol=0)
+    with pytest.raises(ConfigError, match="dtype"):
+        from_dict(AestheticConfig, {**base, "dtype": "int8"}, "rewards.aesthetic")
