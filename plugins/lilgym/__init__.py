@@ -14,8 +14,8 @@ polyrl components (select them in a run config):
 * policy ``lilgym_cnn``: factorised categorical policy on a CNN plus a sentence encoder;
 * policy ``lilgym_lm`` and sampler ``lilgym_text``: a causal LM that writes each action as text
   (:mod:`.lm`), trained with the text updates over multi-turn episodes;
-* rewards ``lilgym_success`` and ``lilgym_steps``: the episode's success and length (weight 0 logs
-  the success rate and the mean episode length).
+* rewards ``lilgym_success``, ``lilgym_steps`` and ``lilgym_parse_rate``: the episode's success, its
+  length and (LM agent) the fraction of its turns that parse (weight 0 logs them).
 
 The environment reward is ``env_reward`` from :mod:`polyrl.rewards`. Example::
 
@@ -70,7 +70,7 @@ def polyrl_samplers():
                       rollout="env_steps", requires={"lilgym_actions"},
                       description="lilGym episodes (TowerScratch, TowerFlipIt, ScatterScratch, ScatterFlipIt) with action masks"),
         ComponentSpec("lilgym_text", lambda cfg, policy=None: LilGymTextSampler(cfg, policy), LilGymTextSamplerConfig,
-                      modality="env", produces=("env_rewards", "lilgym_success", "episode_lengths", "texts"),
+                      modality="env", produces=("env_rewards", "lilgym_success", "episode_lengths", "lilgym_parse_rate", "texts"),
                       rollout="env_steps", requires={"lilgym_text_actions"},
                       description="multi-turn lilGym episodes for a language-model agent (actions written as text)"),
     ]
@@ -78,6 +78,7 @@ def polyrl_samplers():
 
 @hookimpl
 def polyrl_rewards():
+    from .lm import LilGymParseRate, LilGymParseRateConfig
     from .rewards import LilGymSteps, LilGymStepsConfig, LilGymSuccess, LilGymSuccessConfig
 
     return [
@@ -87,6 +88,9 @@ def polyrl_rewards():
         ComponentSpec("lilgym_steps", lambda cfg, policy=None: LilGymSteps(cfg), LilGymStepsConfig,
                       modality="env", reads=("episode_lengths",),
                       description="environment steps of each lilGym episode (weight 0 to log the mean episode length)"),
+        ComponentSpec("lilgym_parse_rate", lambda cfg, policy=None: LilGymParseRate(cfg), LilGymParseRateConfig,
+                      modality="env", reads=("lilgym_parse_rate",),
+                      description="fraction of the LM agent's turns whose text names an action (weight 0 to log the parse rate)"),
     ]
 
 

@@ -21,6 +21,14 @@ Components:
   unparsable action counts as an invalid action (reward -1, the episode ends), and a parsed
   action that the world does not allow is invalid by the environment's own rule.
 
+The **parse rate** is the fraction of turns whose text names an action (whether or not the world
+allows it); the **valid rate** the fraction that name an action the world allows. Each rollout
+carries them per episode (``outputs["lilgym_parse_rate"]``, ``lilgym_parsed_turns``,
+``lilgym_valid_turns``); the reward ``lilgym_parse_rate`` (weight 0) logs
+``reward/lilgym_parse_rate`` every iteration, and :func:`evaluate_split_text` reports both over a
+whole split. ``scripts/lilgym_lm_warmup.py`` teaches a causal LM the action format (supervised, on
+valid actions of the train split's worlds) before RL.
+
 Rollouts are ``[B, T]`` with ``T = horizon * max_action_tokens``: turn ``k`` occupies tokens
 ``k*A .. k*A + A - 1``; ``mask`` is True on generated tokens (the newline/EOS included); the
 environment's reward of a turn sits on the turn's last generated token, so the text updates
@@ -35,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from polyrl.types import ConfigError, Context, Policy, Rollout, Sampler
+from polyrl.types import ConfigError, Context, Policy, Reward, Rollout, Sampler
 
 from . import actions as A
 from .data import TASKS, Example
@@ -44,7 +52,7 @@ from .render import describe_world
 from .sampler import _examples, assign_examples
 
 __all__ = ["LilGymLMConfig", "LilGymLMPolicy", "LilGymTextSamplerConfig", "LilGymTextSampler",
-           "build_prompt", "evaluate_split_text"]
+           "build_prompt", "action_target", "evaluate_split_text", "LilGymParseRateConfig", "LilGymParseRate"]
 
 
 @dataclass
@@ -75,6 +83,12 @@ class LilGymLMConfig:
             raise ConfigError(f"policy.max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}")
         if self.temperature <= 0:
             raise ConfigError(f"policy.temperature must be > 0, got {self.temperature}")
+
+
+def action_target(appearance: str, index: int) -> str:
+    """The text the agent is taught to write after ``action:`` for action ``index``: a space, the
+    action in lower case, a newline (``" add left yellow\\n"``); :func:`parse_action` reads it back."""
+    return f" {A.action_text(appearance, index).lower()}\n"
 
 
 def build_prompt(example: Example, world: list, appearance: str) -> str:
@@ -236,7 +250,14 @@ class LilGymTextSamplerConfig:
     heldout_fraction: float = 0.5
     """Fraction of the statements in the 'heldout' side of the partition."""
     stop_forcing: bool = False
-    """lilGym's stop forcing (training only)."""
+    """lilGym's stop forcing (training only): a turn taken while the goal already holds becomes STOP
+    (+1), whatever its text (unparsable text included)."""
+    record_forced_stop: bool = True
+    """With stop forcing, record the STOP that the environment executes as the turn's text (the
+    tokens of ``" stop\\n"`` with their log-probs under the sampling policy), as lilGym's PPO baseline
+    records the forced STOP, so that the update learns to write ``stop`` where the goal holds; False
+    records the text the policy wrote, which the environment replaced (the agent then never learns
+    to stop by itself)."""
     horizon: int = HORIZON
     """Most turns per episode (lilGym: 11)."""
     remove_rule: Literal["lilgym-2023", "lilgym-2024"] = "lilgym-2023"
@@ -265,6 +286,9 @@ class LilGymTextSampler(Sampler):
         if policy is not None and getattr(policy, "appearance", self.appearance) != self.appearance:
             raise ConfigError(f"sampler.task={cfg.task!r} is a {self.appearance} task; set policy.appearance: {self.appearance}")
         self._envs: list[LilGymEnv] = []
+        self.totals = {"turns": 0, "parsed": 0, "valid": 0}
+        """Turns played, turns whose text parsed, and turns that named an allowed action, over every
+        :meth:`sample` call of this sampler (what :func:`evaluate_split_text` reports)."""
 
     def _env(self, i: int) -> LilGymEnv:
         from .env import LilGymEnv  # gymnasium is imported when the first episode runs
@@ -273,6 +297,31 @@ class LilGymTextSampler(Sampler):
                                         stop_forcing=self.cfg.stop_forcing, horizon=self.cfg.horizon,
                                         remove_rule=self.cfg.remove_rule))
         return self._envs[i]
+
+    def _record_stops(self, policy: LilGymLMPolicy, turns: list[tuple[int, int]], prompt_ids: torch.Tensor,
+                      prompt_mask: torch.Tensor, action_ids: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor,
+                      rewards: torch.Tensor) -> None:
+        """Record the STOP that stop forcing executed at each ``(episode, turn)`` of ``turns``: the
+        tokens of ``" stop\\n"``, their log-probs under ``policy`` given the turn's prompt, and the
+        turn's reward moved to the last of them (in place)."""
+        a = policy.cfg.max_action_tokens
+        stop = policy.tokenizer(action_target(self.appearance, 0), add_special_tokens=False)["input_ids"]
+        if len(stop) > a:
+            raise ConfigError(f"policy.max_action_tokens={a} cannot hold the STOP text ({len(stop)} tokens); raise it")
+        ep, tn = (torch.tensor(x) for x in zip(*turns))
+        ids = torch.full((len(turns), a), policy.lm.pad_token_id, dtype=torch.long)
+        ids[:, : len(stop)] = torch.tensor(stop)
+        m = torch.zeros(len(turns), a, dtype=torch.bool)
+        m[:, : len(stop)] = True
+        text = Rollout(contexts=[Context("") for _ in turns], log_probs=torch.zeros(len(turns), a), mask=m,
+                       data={"input_ids": torch.cat([prompt_ids[ep, tn], ids], 1),
+                             "attention_mask": torch.cat([prompt_mask[ep, tn], m], 1).long()},
+                       meta={"temperature": policy.cfg.temperature, "top_k": 0, "top_p": 1.0})
+        reward = rewards[ep, tn].sum(-1)
+        action_ids[ep, tn], mask[ep, tn] = ids, m
+        log_probs[ep, tn] = policy.lm(text).detach().float().cpu()
+        rewards[ep, tn] = 0.0
+        rewards[ep, tn, len(stop) - 1] = reward
 
     @torch.no_grad()
     def sample(self, policy: LilGymLMPolicy, contexts: list[Context], generator: torch.Generator) -> Rollout:
@@ -290,9 +339,13 @@ class LilGymTextSampler(Sampler):
         mask = torch.zeros(b, k, a, dtype=torch.bool)
         rewards = torch.zeros(b, k, a)
         success = np.zeros(b, np.float32)
+        success_no_sf = np.zeros(b, np.float32)
         invalid_text = np.zeros(b, np.float32)
+        parsed = np.zeros(b, np.float32)
+        valid = np.zeros(b, np.float32)
         alive = np.ones(b, bool)
         transcript: list[list[str]] = [[] for _ in range(b)]
+        forced_turns: list[tuple[int, int]] = []
         for t in range(k):
             rows = np.flatnonzero(alive)
             if rows.size == 0:
@@ -306,20 +359,39 @@ class LilGymTextSampler(Sampler):
                 action_ids[i, t], log_probs[i, t], mask[i, t] = toks[j], lps[j], m[j]
                 last = int(m[j].nonzero().max())
                 action = A.parse_action(self.appearance, texts[j])
-                if action is None:  # unparsable: an invalid action
+                env = envs[i]
+                forced = False
+                if action is None and env.stop_forcing and env.program_value() == env.example.target:
+                    # stop forcing turns every turn taken where the goal holds into STOP, unparsable ones too
+                    _, reward, _, _, _ = env.step(0)
+                    done, won, forced = True, True, True
+                    transcript[i].append(f"{texts[j].strip()!r} (unparsable, forced stop)")
+                elif action is None:  # unparsable: an invalid action
                     reward, done, won = -1.0, True, False
                     invalid_text[i] = 1.0
                     transcript[i].append(f"{texts[j].strip()!r} (unparsable)")
                 else:
-                    _, reward, term, trunc, info = envs[i].step(action)
-                    done, won = term or trunc, bool(info.get("success", False))
-                    transcript[i].append(A.action_text(self.appearance, action).lower())
+                    parsed[i] += 1
+                    _, reward, term, trunc, info = env.step(action)
+                    done, won, forced = term or trunc, bool(info.get("success", False)), bool(info["force_stop"])
+                    valid[i] += float(not info["invalid"])
+                    transcript[i].append(A.action_text(self.appearance, action).lower()
+                                         + (" (invalid)" if info["invalid"] else " (forced stop)" if forced else ""))
                 rewards[i, t, last] = reward
+                if forced:
+                    forced_turns.append((int(i), t))
                 if done:
                     alive[i] = False
                     success[i] = float(won)
+                    success_no_sf[i] = float(won and not forced)
+        if forced_turns and cfg.record_forced_stop:
+            self._record_stops(policy, forced_turns, prompt_ids, prompt_mask, action_ids, log_probs, mask, rewards)
         flat = lambda x: x.reshape(b, k * a)  # noqa: E731
         env_rewards = flat(rewards)
+        turns = mask.any(-1).sum(1)
+        self.totals["turns"] += int(turns.sum())
+        self.totals["parsed"] += int(parsed.sum())
+        self.totals["valid"] += int(valid.sum())
         texts_out = [
             f"{envs[i].example.sentence} [target {str(envs[i].example.target).lower()}] -> {', '.join(transcript[i])} "
             f"(return {float(env_rewards[i].sum()):+.1f}, {'success' if success[i] else 'failure'})"
@@ -333,9 +405,12 @@ class LilGymTextSampler(Sampler):
             outputs={
                 "env_rewards": env_rewards,
                 "lilgym_success": torch.from_numpy(success),
-                "lilgym_success_no_sf": torch.from_numpy(success),
+                "lilgym_success_no_sf": torch.from_numpy(success_no_sf),
                 "lilgym_unparsable": torch.from_numpy(invalid_text),
-                "episode_lengths": torch.from_numpy((mask.any(-1)).sum(1).numpy()),
+                "lilgym_parsed_turns": torch.from_numpy(parsed),
+                "lilgym_valid_turns": torch.from_numpy(valid),
+                "lilgym_parse_rate": torch.from_numpy(parsed) / turns.clamp(min=1).float(),
+                "episode_lengths": turns,
                 "example_ids": [envs[i].example.id for i in range(b)],
                 "texts": texts_out,
             },
@@ -347,9 +422,33 @@ class LilGymTextSampler(Sampler):
 def evaluate_split_text(policy: LilGymLMPolicy, task: str, split: str = "dev", data_dir: str | None = None,
                         seed: int = 0, deterministic: bool = True, batch: int = 64, statements: str = "all",
                         heldout_fraction: float = 0.5) -> dict[str, float]:
-    """:func:`polyrl.plugins.lilgym.evaluate.evaluate_split` for the language-model agent."""
+    """:func:`polyrl.plugins.lilgym.evaluate.evaluate_split` for the language-model agent (no stop
+    forcing), with ``parse_rate`` and ``valid_rate``: the fraction of all turns played whose text
+    names an action, and names one the world allows."""
     from .evaluate import run_split
 
     cfg = LilGymTextSamplerConfig(task=task, split=split, data_dir=data_dir, deterministic=deterministic,
                                   statements=statements, heldout_fraction=heldout_fraction)
-    return run_split(LilGymTextSampler(cfg, policy), policy, seed, batch, turns=True)
+    sampler = LilGymTextSampler(cfg, policy)
+    out = run_split(sampler, policy, seed, batch)
+    n = max(sampler.totals["turns"], 1)
+    return {**out, "parse_rate": sampler.totals["parsed"] / n, "valid_rate": sampler.totals["valid"] / n}
+
+
+# ---------------------------------------------------------------------------------- logging
+@dataclass
+class LilGymParseRateConfig:
+    """Settings of the parse-rate measure (no settings)."""
+
+
+class LilGymParseRate(Reward):
+    """``[B]``: the fraction of each episode's turns whose text named an action (the language-model
+    agent). Give it weight 0 to log ``reward/lilgym_parse_rate`` every iteration."""
+
+    reads = "lilgym_parse_rate"
+
+    def __init__(self, cfg: LilGymParseRateConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, rollout: Rollout) -> torch.Tensor:
+        return torch.as_tensor(rollout.outputs["lilgym_parse_rate"], dtype=torch.float32).cpu()
