@@ -57,15 +57,18 @@ class CausalLMConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder block's activations in the backward pass instead of keeping them
     (transformers' non-reentrant gradient checkpointing, with LoRA too): the training passes keep
-    about one block's activations plus each block's input, for roughly a third more update time.
-    Log-probs and gradients are unchanged."""
+    each block's input instead of all its activations, at the cost of a second forward pass of the
+    blocks during the backward pass. Sampling (eval mode, KV cache) is not affected. Log-probs and
+    gradients are unchanged."""
     log_prob_chunk_tokens: int = 512
-    """Tokens per chunk when the log-probs of the sampled tokens are computed without entropies:
-    ``logit[token] - logsumexp(logits)`` chunk by chunk, with a hand-written backward, so that no
-    float32 ``[batch, tokens, vocab]`` log-softmax (nor its gradient) is ever held; the float32
-    temporaries are a few ``[chunk, vocab]`` tensors (at a vocabulary of 152k, 311 MB each at 512
-    tokens instead of 5 GB for 16 x 512 tokens). 0 computes the full log-softmax as before. The
-    log-probs are the same up to float rounding."""
+    """Tokens per chunk when the log-probs of the sampled tokens are computed without entropies
+    (every update except the actor-critic ones): the processed log-softmax is taken chunk by chunk
+    and only the sampled tokens' values are kept; the backward pass recomputes it chunk by chunk
+    from the logits. No float32 ``[batch, tokens, vocab]`` tensor (log-softmax, its gradient, the
+    upcast of bf16 logits) is ever held, only a few ``[chunk, vocab]`` ones: at a vocabulary of
+    152k, 311 MB each at 512 tokens, where one float32 ``[16, 512, vocab]`` tensor takes 5 GB. Per
+    row the operations are those of the unchunked path, so log-probs and gradients are the same.
+    0 computes the whole log-softmax at once."""
 
     def check(self) -> None:
         if self.lora_rank < 0:
@@ -158,7 +161,11 @@ class CausalLMPolicy(Policy):
                 raise ConfigError(f"policy.gradient_checkpointing: {type(base).__name__} does not support gradient "
                                   "checkpointing in transformers; set it to false")
             # non-reentrant: no inputs that require grad needed (LoRA's embeddings are frozen)
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model: nn.Module = model
         self._ref_holder: list[nn.Module] = []  # the frozen copy for full fine-tuning, not a submodule
         self._mask_holder: list[nn.Module] = []  # NLPO's masking policy (a frozen copy), not a submodule
@@ -565,57 +572,42 @@ def _token_chunks(batch: int, steps: int, chunk: int) -> Iterator[tuple[slice, s
 
 class _SampledTokenLogProbs(torch.autograd.Function):
     """Log-probs ``[B, T]`` of ``tokens`` under the processed distribution of ``logits [B, T, V]``
-    (temperature, top-k, top-p, NLPO's action mask: the sampler's), equal to
-    ``process_logits(...).log_softmax(-1).gather(tokens)`` up to float rounding, computed chunk by
-    chunk: ``(z_tok - max z) - log sum exp(z - max z)`` with ``z`` the processed float32 logits of
-    one chunk. The backward recomputes ``z`` chunk by chunk from the saved logits (kept in their own
-    dtype) and the per-token max and log-normaliser, and writes ``(onehot - softmax(z)) * g / T``,
-    so that no float32 ``[B, T, V]`` tensor exists in either pass."""
+    (temperature, top-k, top-p, NLPO's action mask: the sampler's), computed chunk by chunk
+    (:func:`_token_chunks`) with the same operations as the unchunked path, so that no float32
+    ``[B, T, V]`` tensor is ever held: the forward keeps only the log-probs; the backward recomputes
+    each chunk's processed distribution from the saved logits (kept in their own dtype, bf16 under
+    autocast) and takes that chunk's gradient, so that at any time the float32 temporaries are those
+    of one chunk. Per row the arithmetic is that of ``process_logits(...).log_softmax(-1)`` followed
+    by the gather, hence the same log-probs and gradients."""
 
     @staticmethod
-    def _processed(logits, settings, mask_logits, action) -> torch.Tensor:
+    def _log_probs(logits, tokens, mask_logits, settings, action) -> torch.Tensor:
         z = process_logits(logits, settings)
         if action is not None:
             z = apply_action_mask(z, mask_logits, action[0], action[1], action[2])
-        return z
+        return z.log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     @staticmethod
     def forward(ctx, logits, tokens, mask_logits, settings, action, chunk):
         B, T = tokens.shape
         out = torch.empty((B, T), dtype=torch.float32, device=logits.device)
-        maxes = torch.empty_like(out)
-        log_norm = torch.empty_like(out)
         for sl in _token_chunks(B, T, chunk):
-            z = _SampledTokenLogProbs._processed(logits[sl], settings, None if action is None else mask_logits[sl], action)
-            m = z.amax(-1, keepdim=True)
-            shifted = z - m  # a new tensor: z may be the logits themselves
-            picked = shifted.gather(-1, tokens[sl].unsqueeze(-1)).squeeze(-1)
-            norm = shifted.exp_().sum(-1).log_()
-            out[sl] = picked - norm
-            maxes[sl] = m.squeeze(-1)
-            log_norm[sl] = norm
+            out[sl] = _SampledTokenLogProbs._log_probs(
+                logits[sl], tokens[sl], None if action is None else mask_logits[sl], settings, action)
         ctx.settings, ctx.action, ctx.chunk = settings, action, chunk
-        ctx.save_for_backward(logits, tokens, maxes, log_norm, *([mask_logits] if action is not None else []))
+        ctx.save_for_backward(logits, tokens, *([mask_logits] if action is not None else []))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        logits, tokens, maxes, log_norm, *rest = ctx.saved_tensors
+        logits, tokens, *rest = ctx.saved_tensors
         mask_logits = rest[0] if rest else None
-        settings, action = ctx.settings, ctx.action
-        filtered = action is not None or 0 < settings.top_k < logits.shape[-1] or settings.top_p < 1.0
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         B, T = tokens.shape
-        grad = grad.float()
         for sl in _token_chunks(B, T, ctx.chunk):
-            z = _SampledTokenLogProbs._processed(logits[sl], settings, None if action is None else mask_logits[sl], action)
-            g = grad[sl].unsqueeze(-1)
-            d = (z - maxes[sl].unsqueeze(-1)).sub_(log_norm[sl].unsqueeze(-1)).exp_()  # softmax(z)
-            d.mul_(g).neg_()
-            d.scatter_add_(-1, tokens[sl].unsqueeze(-1), g)  # + onehot * g
-            if filtered:  # filtered tokens get no gradient (masked_fill's backward)
-                d.masked_fill_(z == float("-inf"), 0.0)
-            if settings.temperature != 1.0:
-                d.div_(settings.temperature)
-            grad_logits[sl] = d
+            with torch.enable_grad():
+                part = logits[sl].detach().requires_grad_(True)
+                lp = _SampledTokenLogProbs._log_probs(
+                    part, tokens[sl], None if ctx.action is None else mask_logits[sl], ctx.settings, ctx.action)
+                (grad_logits[sl],) = torch.autograd.grad(lp, part, grad[sl])
         return grad_logits, None, None, None, None, None
