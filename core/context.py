@@ -8,14 +8,19 @@ update does not depend on the rest of the trainer.
 
 Gradient accumulation goes through :meth:`UpdateContext.accumulate`: it walks the micro-batches of
 one optimizer step, skips the gradient all-reduce on all but the last one (``no_sync``) and
-divides each micro-batch's loss by the number of micro-batches before its backward pass::
+divides each micro-batch's loss by the number of micro-batches before its backward pass. The
+statistics to log stay on the device in a :class:`polyrl.stats.UpdateStats` and are read once, at
+the end (a read per micro-batch would stall a GPU each time)::
 
+    stats = UpdateStats()
     for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
         for micro, idx in ctx.accumulate(window):
             with micro:                      # no gradient sync unless this is the last micro-batch
                 loss = loss_fn(ctx.model(rollout.select(idx)))
                 micro.backward(loss)         # backward(loss / len(window))
-        grad_norm = ctx.optimizer_step()
+            stats.add("loss", loss)          # no host sync
+        stats.add("grad_norm", ctx.optimizer_step())
+    return stats.means()                     # one host sync
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ def gather_rewards(ctx, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.
     """
     acc = ctx.accelerator
     local = rewards.detach().float().to(acc.device)
+    # one host read per update: the advantages (DDPO's per-prompt tracker) are computed on the host
     all_rewards = acc.gather(local).cpu()
     from accelerate.utils import gather_object  # imported when an update runs, not when the plugin loads
 
