@@ -1,10 +1,14 @@
 """The updates keep their statistics on the device and read them once per update.
 
 (a) Fixed-seed runs through the loop on the tiny models log the same metrics (the same floats) and
-train the same weights (bit for bit) as the updates did when they read every statistic at once
-with ``.item()``: the numbers below were recorded with that form.
-(b) The host reads (``Tensor.item``, ``float(tensor)``) of one update do not grow with its
-micro-batches or denoising steps: only the gradient-norm check of each optimizer step reads one.
+train the same weights (bit for bit) as the updates did when they read each statistic with
+``.item()`` where they computed it: the numbers below were recorded with that form. A change meant
+to change what is computed (a model, a sampler) re-records them: ``python tests/test_host_syncs.py``
+prints the current ones.
+(b) The host reads (``Tensor.item``, ``float(tensor)``, ``tolist``) of one update do not grow with
+its micro-batches or denoising steps: the statistics are read once, and the gradient-norm check of
+each optimizer step reads its norm.
+(c) :class:`polyrl.stats.UpdateStats` gives the same floats as averaging the ``.item()`` values.
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def weights_hash(trainer) -> str:
     h = hashlib.sha256()
     for key, value in sorted(trainer.policy.trainable_state_dict().items()):
         h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -378,3 +382,14 @@ def test_update_stats_give_the_means_of_the_item_values() -> None:
     assert as_floats({"a": torch.tensor(0.25), "b": 3, "c": torch.tensor(True)}) == {"a": 0.25, "b": 3.0, "c": 1.0}
     with pytest.raises(ValueError, match="'loss'.*shape \\(2,\\)"):
         stats.add("loss", torch.zeros(2))
+
+
+if __name__ == "__main__":  # the current numbers, in REFERENCE's form
+    import sys
+    import tempfile
+
+    torch.set_num_threads(1)
+    __import__("os").chdir(ROOT)
+    for case in sys.argv[1:] or CASES:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(repr(case), run_case(Path(tmp), case), flush=True)
