@@ -384,6 +384,43 @@ def test_update_stats_give_the_means_of_the_item_values() -> None:
         stats.add("loss", torch.zeros(2))
 
 
+
+def test_losses_give_their_statistics_as_tensors_on_request() -> None:
+    """``tensor_stats=True``: the same statistics as 0-dim tensors, whose ``.item()`` is the float
+    the default form returns."""
+    from polyrl.plugins.updates.a_star_po import a_star_po_loss
+    from polyrl.plugins.updates.ddpo import ddpo_loss
+    from polyrl.plugins.updates.grpo import engine_is_weights, grpo_loss
+    from polyrl.plugins.updates.ppo import ppo_loss
+    from polyrl.plugins.updates.rebel import rebel_loss
+    from polyrl.plugins.updates.rloo import rloo_loss
+
+    g = torch.Generator().manual_seed(3)
+    x = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    logp, old, ref, values = x(4, 5).requires_grad_(), x(4, 5), x(4, 5), x(4, 5).requires_grad_()
+    mask = torch.rand(4, 5, generator=g) > 0.3
+    adv = x(4)
+    calls = {
+        "ddpo": lambda **kw: ddpo_loss(logp[:, 0], old[:, 0], adv, 0.2, mask[:, 0], **kw),
+        "grpo": lambda **kw: grpo_loss(logp, old, adv, mask, 0.2, 0.1, ref, **kw),
+        "engine": lambda **kw: engine_is_weights(old, ref, mask, "token_truncate", 2.0, **kw),
+        "ppo": lambda **kw: ppo_loss(logp, old, x(4, 5), values, values + 0.1, x(4, 5), mask, 0.2, 0.2, 0.5,
+                                     x(4, 5).abs(), 0.01, **kw),
+        "rloo": lambda **kw: rloo_loss(logp, old, mask, adv, 0.2, 0.28, **kw),
+        "rebel": lambda **kw: rebel_loss(logp, old, mask, adv, 1.0, **kw),
+        "a_star_po": lambda **kw: a_star_po_loss(logp, ref, mask, adv, x(4), 1e-3, **kw),
+    }
+    for name, call in calls.items():
+        state = g.get_state()
+        floats = call()[1]
+        g.set_state(state)
+        tensors = call(tensor_stats=True)[1]
+        assert list(floats) == list(tensors) and floats, name
+        for key, value in tensors.items():
+            assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, (name, key)
+            assert isinstance(floats[key], float) and value.item() == floats[key], (name, key)
+
+
 if __name__ == "__main__":  # the current numbers, in REFERENCE's form
     import sys
     import tempfile
