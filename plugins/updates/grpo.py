@@ -385,6 +385,16 @@ class GRPO(Update):
         rollout.log_probs = old
         return stats
 
+    @staticmethod
+    def step_tokens(acc: Any, mask: torch.Tensor, steps: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """``[S]``: the valid tokens of each optimizer step's samples (``steps``: their micro-batch
+        indices) summed over every process and divided by the number of processes (dapo's
+        normaliser), with one gather for all the steps of an epoch."""
+        local = torch.stack([mask[torch.cat(list(w)).to(mask.device)].float().sum() for w in steps])
+        if acc.num_processes == 1:
+            return local
+        return acc.gather(local).reshape(acc.num_processes, len(steps)).sum(0) / acc.num_processes
+
     def step(self, ctx: UpdateContext, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         ctx = UpdateContext.of(ctx)
         cfg = self.cfg
@@ -401,12 +411,11 @@ class GRPO(Update):
         stats = UpdateStats()  # read once, at the end
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
-            for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
-                num_tokens = None
-                if cfg.loss_type == "dapo":  # the step's valid tokens on all processes, per process
-                    local = rollout.mask[torch.cat(window).to(device)].float().sum().reshape(1)
-                    total = acc.gather(local).sum() if acc.num_processes > 1 else local.sum()
-                    num_tokens = total / acc.num_processes
+            steps = list(windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches))
+            if cfg.loss_type == "dapo":  # each step's valid tokens on all processes, per process
+                tokens = self.step_tokens(acc, rollout.mask, steps)
+            for k, window in enumerate(steps):
+                num_tokens = tokens[k] if cfg.loss_type == "dapo" else None
                 # dapo's normaliser already spans the whole step; the others average the micro-batches
                 for micro, idx in ctx.accumulate(window, scale=1 if cfg.loss_type == "dapo" else None):
                     mb = rollout.select(idx)
