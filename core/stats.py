@@ -74,8 +74,8 @@ Number = Union[int, float]
 def read_scalars(tensors: Sequence[torch.Tensor]) -> list[float]:
     """The values of one-element tensors as Python numbers, with one device-to-host transfer per
     device (one ``torch.stack(...).tolist()``) instead of one ``.item()`` each. Each value is the
-    one ``.item()`` would give (the stack promotes to the widest dtype, which holds every value
-    exactly)."""
+    one ``.item()`` would give, as a float: the stack promotes to the widest floating dtype, which
+    holds every value exactly (integers go through float64)."""
     out: list[float] = [0.0] * len(tensors)
     by_device: dict[torch.device, list[int]] = {}
     for i, t in enumerate(tensors):

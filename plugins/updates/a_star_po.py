@@ -68,8 +68,8 @@ def optimal_value(rewards: torch.Tensor, beta1: float) -> float:
 
 
 def a_star_po_loss(
-    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, v_star: torch.Tensor, beta2: float,
-    *, tensor_stats: bool = False,
+    logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, v_star: torch.Tensor,
+    beta2: float, *, tensor_stats: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``mean((beta2 * log pi/pi_ref - (r - V*))^2)``: ``logp``, ``ref``, ``mask`` ``[b, T]``;
     ``rewards``, ``v_star`` ``[b]``. The statistics are Python floats, or with ``tensor_stats``
@@ -143,8 +143,8 @@ class AStarPO(Update):
                     i = idx.to(device)
                     with micro:
                         logp = ctx.model(mb)
-                        loss, step_stats = a_star_po_loss(logp, mb.ref_log_probs, mb.mask, rewards[i], v_star[i], cfg.beta2,
-                                                          tensor_stats=True)
+                        loss, step_stats = a_star_po_loss(logp, mb.ref_log_probs, mb.mask, rewards[i], v_star[i],
+                                                          cfg.beta2, tensor_stats=True)
                         micro.backward(loss)
                     stats.add("loss", loss)
                     stats.update(step_stats)
