@@ -28,7 +28,7 @@ from polyrl.plugins.flow import (
     FlowSDESampler,
     FlowSDESamplerConfig,
 )
-from polyrl.plugins.flow.grpo import StepStats, flow_advantages, flow_kl
+from polyrl.plugins.flow.grpo import flow_advantages, flow_kl
 from polyrl.plugins.flow.nft import nft_loss
 from polyrl.plugins.updates.common import windows
 from polyrl.plugins.updates.ddpo import ddpo_loss
@@ -236,11 +236,15 @@ def test_diffusion_nft_accumulates_exactly_as_before(policy, run_config):
     assert all(isinstance(v, float) for v in stats.values())
 
 
-def test_step_stats_means_in_order():
-    stats = StepStats("loss", "kl", "grad_norm")
-    for value in (1.0, 2.0, 4.0):
-        stats.add("loss", torch.tensor(value, requires_grad=True) * 1)
-    stats.add("grad_norm", 0.5)
-    stats.add_all({"extra": torch.tensor([3.0])})
-    assert stats.means() == {"loss": pytest.approx(7 / 3), "grad_norm": 0.5, "extra": 3.0}
-    assert list(stats.means()) == ["loss", "grad_norm", "extra"]  # "kl" never added: left out
+def test_nft_loss_gives_its_statistics_as_tensors_on_request():
+    g = torch.Generator().manual_seed(0)
+    v, v_old, x0, noise = (torch.randn(3, 4, 2, 2, generator=g) for _ in range(4))
+    sigma, r = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([1.0, 0.3, 0.0])
+    xs = (1 - sigma.view(3, 1, 1, 1)) * x0 + sigma.view(3, 1, 1, 1) * noise
+    w = v.clone().requires_grad_(True)
+    loss, floats = nft_loss(w, v_old, xs, x0, sigma, r, 1.0, 5.0)
+    loss_t, tensors = nft_loss(w, v_old, xs, x0, sigma, r, 1.0, 5.0, tensor_stats=True)
+    assert torch.equal(loss, loss_t) and list(floats) == list(tensors)
+    for key, value in tensors.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, key
+        assert isinstance(floats[key], float) and value.item() == floats[key], key

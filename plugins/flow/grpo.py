@@ -30,7 +30,7 @@ accumulated into one optimizer step, as in Flow-GRPO. ``timestep_fraction`` trai
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -38,9 +38,10 @@ from polyrl.context import UpdateContext
 from polyrl.plugins.updates.common import check_batching, sequence_rewards, windows
 from polyrl.plugins.updates.ddpo import ddpo_loss
 from polyrl.plugins.updates.grpo import grpo_advantages
+from polyrl.stats import UpdateStats
 from polyrl.types import ConfigError, Rollout, Update
 
-__all__ = ["FlowGRPO", "FlowGRPOConfig", "StepStats", "flow_advantages", "flow_kl"]
+__all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_advantages", "flow_kl"]
 
 
 @dataclass
@@ -125,39 +126,6 @@ def flow_kl(mean: torch.Tensor, ref_mean: torch.Tensor, noise_scale: torch.Tenso
     return mse / denom
 
 
-class StepStats:
-    """Means of an update's per-step statistics, summed as tensors where they are tensors (no
-    host sync in the training loop) and read once, by :meth:`means`, at the end of the update.
-
-    ``order`` fixes the order of the keys in :meth:`means`; keys never added are left out."""
-
-    def __init__(self, *order: str) -> None:
-        self._sums: dict[str, Any] = dict.fromkeys(order, 0.0)
-        self._counts: dict[str, int] = dict.fromkeys(order, 0)
-
-    def add(self, key: str, value: torch.Tensor | float) -> None:
-        """Add one value (a number or a one-element tensor, detached here)."""
-        if isinstance(value, torch.Tensor):
-            value = value.detach().reshape(()).double()
-        self._sums[key] = self._sums.get(key, 0.0) + value
-        self._counts[key] = self._counts.get(key, 0) + 1
-
-    def add_all(self, values: Mapping[str, torch.Tensor | float]) -> None:
-        for key, value in values.items():
-            self.add(key, value)
-
-    def means(self) -> dict[str, float]:
-        """``{key: mean}`` as numbers: one transfer to the host for all tensor sums."""
-        keys = [k for k, n in self._counts.items() if n]
-        tensors = [k for k in keys if isinstance(self._sums[k], torch.Tensor)]
-        sums = {k: float(self._sums[k]) for k in keys if k not in tensors}
-        if tensors:
-            device = self._sums[tensors[0]].device
-            values = torch.stack([self._sums[k].to(device) for k in tensors]).tolist()
-            sums.update(zip(tensors, values))
-        return {k: sums[k] / self._counts[k] for k in keys}
-
-
 class FlowGRPO(Update):
     """Flow-GRPO (see the module docstring)."""
 
@@ -177,7 +145,7 @@ class FlowGRPO(Update):
             raise ValueError("flow_grpo: the rollout has no stochastic steps (sampler.noise_level is 0)")
         t_train = max(1, int(t * cfg.timestep_fraction))
         g = ctx.generator("update")
-        stats = StepStats("loss", "approx_kl", "clipfrac", "policy_loss", "kl", "grad_norm")
+        stats = UpdateStats("loss", "approx_kl", "clipfrac", "policy_loss", "kl", "grad_norm")
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
             for window in windows(perm, cfg.train_batch_size, cfg.gradient_accumulation_batches):
@@ -189,7 +157,8 @@ class FlowGRPO(Update):
                     with micro:
                         out = ctx.model(mb, cols, with_mean=True)
                         logp = out["log_probs"][:, 0]
-                        loss, step_stats = ddpo_loss(logp, mb.log_probs[:, j], mb_adv, cfg.clip_range, mb.mask[:, j])
+                        loss, step_stats = ddpo_loss(logp, mb.log_probs[:, j], mb_adv, cfg.clip_range, mb.mask[:, j],
+                                                     tensor_stats=True)
                         stats.add("policy_loss", loss)
                         if cfg.beta > 0:
                             ref = ctx.policy.reference_step_outputs(mb, cols)
@@ -200,7 +169,7 @@ class FlowGRPO(Update):
                             stats.add("kl", kl)
                         micro.backward(loss)  # loss / (micro-batches x trained steps)
                     stats.add("loss", loss)
-                    stats.add_all(step_stats)
+                    stats.update(step_stats)
                 stats.add("grad_norm", ctx.optimizer_step())
         out_stats = stats.means()
         out_stats["advantage_abs_mean"] = adv.abs().mean().item()

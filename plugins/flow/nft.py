@@ -36,9 +36,10 @@ import torch
 
 from polyrl.context import UpdateContext
 from polyrl.plugins.updates.common import check_batching, windows
+from polyrl.stats import UpdateStats
 from polyrl.types import ConfigError, Rollout, Update
 
-from .grpo import StepStats, flow_advantages
+from .grpo import flow_advantages
 
 __all__ = ["DiffusionNFT", "DiffusionNFTConfig", "nft_loss"]
 
@@ -91,11 +92,13 @@ class DiffusionNFTConfig:
 
 
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_sigma: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
-             r: torch.Tensor, beta: float, adv_clip_max: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             r: torch.Tensor, beta: float, adv_clip_max: float, *,
+             tensor_stats: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """DiffusionNFT's policy loss for one sigma per sample (see the module docstring).
 
     ``v``, ``v_old``, ``x_sigma``, ``x0``: ``[b, ...]``; ``sigma`` and ``r``: ``[b]``. Returns the
-    mean over the micro-batch and statistics (detached 0-d tensors, not yet read on the host)."""
+    mean over the micro-batch and statistics: Python floats, or with ``tensor_stats`` 0-dim tensors
+    on the loss's device (no host sync; see :class:`polyrl.stats.UpdateStats`)."""
     dims = tuple(range(1, x0.dim()))
     s = sigma.float().reshape(-1, *([1] * (x0.dim() - 1)))
     v, v_old, xs, x0 = v.float(), v_old.detach().float(), x_sigma.float(), x0.float()
@@ -112,7 +115,7 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_sigma: torch.Tensor, x0: to
     with torch.no_grad():
         stats = {"positive_loss": pos.mean(), "negative_loss": neg.mean(), "unweighted_policy_loss": per_sample.mean(),
                  "old_deviation": ((v.detach() - v_old) ** 2).mean()}
-    return loss, stats
+    return loss, (stats if tensor_stats else {k: t.item() for k, t in stats.items()})
 
 
 class DiffusionNFT(Update):
@@ -148,7 +151,7 @@ class DiffusionNFT(Update):
                 mb = rollout.select(idx)
                 for j in range(n_train):
                     v_old[idx, j] = policy.rollout_velocity(mb, x_sigma[idx, j], sig[idx, j]).float()
-        stats = StepStats("loss", "positive_loss", "negative_loss", "unweighted_policy_loss", "old_deviation",
+        stats = UpdateStats("loss", "positive_loss", "negative_loss", "unweighted_policy_loss", "old_deviation",
                           "policy_loss", "kl", "grad_norm")
         for _ in range(cfg.inner_epochs):
             perm = torch.randperm(b, generator=g)
@@ -159,7 +162,7 @@ class DiffusionNFT(Update):
                     with micro:
                         v = ctx.model(mb, velocity_at=(x_sigma[i, j], sig[i, j]))
                         loss, step_stats = nft_loss(v, v_old[i, j], x_sigma[i, j], x0[i], sig[i, j], r[i],
-                                                    cfg.nft_beta, cfg.adv_clip_max)
+                                                    cfg.nft_beta, cfg.adv_clip_max, tensor_stats=True)
                         stats.add("policy_loss", loss)
                         if cfg.kl_beta > 0:
                             with torch.no_grad(), policy.adapter_disabled():
@@ -169,7 +172,7 @@ class DiffusionNFT(Update):
                             stats.add("kl", kl)
                         micro.backward(loss)  # loss / (micro-batches x trained sigmas)
                     stats.add("loss", loss)
-                    stats.add_all(step_stats)
+                    stats.update(step_stats)
                 stats.add("grad_norm", ctx.optimizer_step())
         out = stats.means()
         out["advantage_abs_mean"] = adv.abs().mean().item()
