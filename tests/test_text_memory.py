@@ -48,12 +48,16 @@ def log_probs_and_grads(policy: CausalLMPolicy, rollout) -> tuple[torch.Tensor, 
 
 
 def saved_bytes(fn) -> dict[torch.dtype, int]:
-    """Bytes of the tensors autograd saves for the backward pass while ``fn`` runs, by dtype (a
-    tensor saved twice counts twice: an upper bound of what stays alive until the backward)."""
+    """Bytes of the storages autograd keeps for the backward pass while ``fn`` runs, by dtype
+    (each storage once, however many operations save it or views of it)."""
     total: dict[torch.dtype, int] = {}
+    seen: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        total[t.dtype] = total.get(t.dtype, 0) + t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[t.dtype] = total.get(t.dtype, 0) + storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
