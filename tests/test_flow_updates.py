@@ -149,16 +149,17 @@ def run_config():
     return Host().build_config(data)
 
 
-def sample(policy: FlowPolicy, noise_level: float):
+def sample(policy: FlowPolicy, noise_level: float, num_steps: int = 3):
     contexts = [Context(prompt=p, group=i) for i, p in enumerate(PROMPTS) for _ in range(2)]
-    sampler = FlowSDESampler(FlowSDESamplerConfig(num_steps=3, noise_level=noise_level, batch_size=8))
+    sampler = FlowSDESampler(FlowSDESamplerConfig(num_steps=num_steps, noise_level=noise_level, batch_size=8))
     with torch.no_grad():
         rollout = sampler.sample(policy, contexts, torch.Generator().manual_seed(1))
     rewards = torch.rand(len(contexts), generator=torch.Generator().manual_seed(2))
     return rollout, rewards
 
 
-def run_update(policy: FlowPolicy, config, step: Callable[[UpdateContext], object]):
+def run_update(policy: FlowPolicy, config, step: Callable[[UpdateContext], object],
+               around_optimizer_step: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
     """Run ``step`` on a context around ``policy`` from fixed weights, with Adam; returns the
     gradients at each optimizer step, the trained weights, the ``no_sync`` requests and what
     ``step`` returned. The weights are restored afterwards."""
@@ -169,10 +170,11 @@ def run_update(policy: FlowPolicy, config, step: Callable[[UpdateContext], objec
     syncs: list[bool] = []
 
     def optimizer_step() -> float:
-        grads.append([p.grad.clone() for p in params])
-        norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with around_optimizer_step():
+            grads.append([p.grad.clone() for p in params])
+            norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return norm
 
     ctx = UpdateContext(accelerator=Accelerator(cpu=True), model=policy, policy=policy, config=config, iteration=1,
@@ -248,3 +250,53 @@ def test_nft_loss_gives_its_statistics_as_tensors_on_request():
     for key, value in tensors.items():
         assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, key
         assert isinstance(floats[key], float) and value.item() == floats[key], key
+
+
+READS = ("item", "__float__", "__int__", "__bool__", "tolist")
+
+
+class HostReads:
+    """Counts the host reads of floating-point tensors (``item``, ``float()``, ``int()``,
+    ``bool()``, ``tolist``) while active, except inside :meth:`paused`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.active = True
+        self.counts = dict.fromkeys(READS, 0)
+        for name in READS:
+            real = getattr(torch.Tensor, name)
+
+            def counting(t, *args, _real=real, _name=name, **kwargs):
+                if self.active and t.is_floating_point():
+                    self.counts[_name] += 1
+                return _real(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counting)
+
+    @contextlib.contextmanager
+    def paused(self):
+        active, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = active
+
+
+@pytest.mark.parametrize("name", ["flow_grpo", "diffusion_nft"])
+def test_host_reads_do_not_grow_with_micro_batches_or_steps(policy, run_config, monkeypatch, name):
+    """One optimizer step of 1 micro-batch x 2 steps and of 4 micro-batches x 4 steps read the
+    same number of values on the host: the statistics are read once per update (the optimizer
+    step's gradient-norm check, here outside the count, reads one more per optimizer step)."""
+    counts = []
+    for batch, steps in ((8, 2), (2, 4)):
+        rollout, rewards = sample(policy, 0.7 if name == "flow_grpo" else 0.0, num_steps=steps)
+        if name == "flow_grpo":
+            update = FlowGRPO(FlowGRPOConfig(train_batch_size=batch, gradient_accumulation_batches=8 // batch))
+        else:
+            update = DiffusionNFT(DiffusionNFTConfig(timestep_fraction=1.0, train_batch_size=batch,
+                                                     gradient_accumulation_batches=8 // batch))
+        with monkeypatch.context() as patch:
+            reads = HostReads(patch)
+            grads, *_ = run_update(policy, run_config, lambda ctx: update.step(ctx, rollout, rewards), reads.paused)
+        assert len(grads) == 1
+        counts.append(reads.counts)
+    assert counts[0] == counts[1], counts
