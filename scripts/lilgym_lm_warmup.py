@@ -133,7 +133,7 @@ def warm_up(policy, pairs: list[dict[str, Any]], steps: int, batch_size: int, lr
         idx = torch.randint(len(pairs), (batch_size,), generator=g)
         mb = rollout.select(idx)
         logp = policy.lm(mb)
-        m = mb.mask.float()
+        m = mb.mask.float().to(logp.device)
         loss = -(logp * m).sum() / m.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=112)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     args = parser.parse_args(argv)
 
     from polyrl.plugins.lilgym.data import TASKS
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    policy = LilGymLMPolicy(cfg)
+    policy = LilGymLMPolicy(cfg).to(args.device)
     train_pairs = make_pairs(args.task, args.split, args.episodes, args.seed, args.data_dir, args.statements)
     eval_split, eval_statements = ("dev", "heldout") if args.task.endswith("FlipIt") else ("dev", "all")
     eval_pairs = make_pairs(args.task, eval_split, args.eval_episodes, args.seed + 1, args.data_dir, eval_statements)

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 AGENTS = {
     # task -> [(agent label, config file)]
     "TowerScratch": [("CNN + sentence encoder, PPO", "configs/lilgym_tower_scratch.yaml"),
-                     ("causal LM (tiny GPT-2), GRPO", "configs/lilgym_lm_tower_scratch.yaml")],
+                     ("causal LM (tiny GPT-2 after the warm-up), GRPO", "configs/lilgym_lm_tower_scratch.yaml")],
     "TowerFlipIt": [("CNN + sentence encoder, PPO", "configs/lilgym_tower_flipit.yaml")],
     "ScatterScratch": [("CNN + sentence encoder, PPO", "configs/lilgym_scatter_scratch.yaml")],
     "ScatterFlipIt": [("CNN + sentence encoder, PPO", "configs/lilgym_scatter_flipit.yaml")],
@@ -146,7 +146,7 @@ def evaluate(policy, task: str, seeds: list[int], lm: bool = False) -> dict[str,
     greedy = fn(policy, task, proto["split"], seed=0, deterministic=True, statements=proto["statements"])
     sampled = [fn(policy, task, proto["split"], seed=s, deterministic=False, statements=proto["statements"])
                for s in seeds]
-    return {
+    out = {
         "greedy": greedy["success"],
         "return": statistics.mean(r["return"] for r in sampled),
         "sampled_mean": statistics.mean(r["success"] for r in sampled),
@@ -154,6 +154,10 @@ def evaluate(policy, task: str, seeds: list[int], lm: bool = False) -> dict[str,
         "episodes": greedy["episodes"],
         "eval_env_steps": greedy["env_steps"] + sum(r["env_steps"] for r in sampled),
     }
+    if lm:  # the language-model agent: the share of its turns whose text names an action
+        out["parse_rate_greedy"] = greedy["parse_rate"]
+        out["parse_rate"] = statistics.mean(r["parse_rate"] for r in sampled)
+    return out
 
 
 def random_baselines(task: str, seeds: list[int]) -> list[dict[str, Any]]:
@@ -230,6 +234,11 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             steps = "-" if not r["train_env_steps"] else f"{r['train_env_steps']:,}"
             lines.append(f"| {r['agent']} | {r.get('config', '-')} | {greedy} | {sampled} | {r['return']:+.2f} | {steps} | {cpu} |")
         lines.append("")
+        for r in rows:
+            if r.get("parse_rate"):
+                rate = lambda v: f"{100 * statistics.mean(v):.1f}% (" + ", ".join(f"{100 * x:.1f}" for x in v) + ")"  # noqa: E731
+                lines += [f"Parse rate of the {r['agent']} agent (the share of its turns whose text names an action): "
+                          f"greedy {rate(r['parse_rate_greedy'])}, sampled {rate(r['parse_rate'])}.", ""]
     lines += PUBLISHED.strip("\n").splitlines() + [""]
     lines += NOTES.strip("\n").splitlines()
     return "\n".join(lines) + "\n"
@@ -284,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 "train_env_steps": int(statistics.mean(r["train_env_steps"] for r in per_seed)),
                 "train_cpu_s": statistics.mean(r["train_cpu_s"] for r in per_seed),
                 "per_seed": per_seed,
+                **({key: [r[key] for r in per_seed] for key in ("parse_rate_greedy", "parse_rate")}
+                   if "parse_rate" in per_seed[0] else {}),
             })
         results["tasks"][task] = rows
         runs.mkdir(parents=True, exist_ok=True)
