@@ -29,6 +29,11 @@ carries them per episode (``outputs["lilgym_parse_rate"]``, ``lilgym_parsed_turn
 whole split. ``scripts/lilgym_lm_warmup.py`` teaches a causal LM the action format (supervised, on
 valid actions of the train split's worlds) before RL.
 
+With ``stop_forcing`` (training only), a turn taken where the goal already holds ends the episode
+with STOP (+1) whatever its text; ``record_forced_stop`` then records that turn as the text
+``" stop\\n"`` with its log-probs under the policy, so that the update teaches the agent to stop
+there itself (lilGym's PPO baseline records the forced STOP the same way).
+
 Rollouts are ``[B, T]`` with ``T = horizon * max_action_tokens``: turn ``k`` occupies tokens
 ``k*A .. k*A + A - 1``; ``mask`` is True on generated tokens (the newline/EOS included); the
 environment's reward of a turn sits on the turn's last generated token, so the text updates
