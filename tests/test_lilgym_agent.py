@@ -98,6 +98,56 @@ def test_stop_forcing_records_the_executed_stop():
     assert r.outputs["lilgym_success_no_sf"][0] == 0.0 and "(forced)" in r.outputs["texts"][0]
 
 
+def test_stop_forcing_without_recording_keeps_the_drawn_action():
+    policy = RandomPolicy("tower")
+    cfg = LilGymSamplerConfig(task="TowerScratch", split="dev", data_dir=str(FIXTURES), stop_forcing=True,
+                              record_forced_stop=False)
+    contexts = [Context("t3", group=g) for g in range(8)]
+    r = LilGymSampler(cfg, policy).sample(policy, contexts, torch.Generator().manual_seed(0))
+    # the environment stops every episode at once (+1) whatever was drawn; the rollout keeps the draws
+    assert r.mask[:, 1:].sum() == 0 and (r.outputs["env_rewards"][:, 0] == 1.0).all()
+    drawn = r.data["actions"][:, 0]
+    assert (drawn != 0).any()  # some ADD (10 valid actions on the empty world, STOP is one of them)
+    assert torch.allclose(r.log_probs[:, 0], torch.full((8,), -torch.log(torch.tensor(10.0))))
+    assert all(("(forced)" in t) == bool(a != 0) for t, a in zip(r.outputs["texts"], drawn))
+
+
+def test_stop_forcing_fraction_draws_which_episodes_are_forced():
+    policy = RandomPolicy("tower")
+    contexts = [Context("t3", group=g) for g in range(16)]  # the goal holds on the empty world
+    n_forced = {}
+    for fraction in (0.0, 0.5, 1.0):
+        cfg = LilGymSamplerConfig(task="TowerScratch", split="dev", data_dir=str(FIXTURES), stop_forcing_fraction=fraction)
+        sampler = LilGymSampler(cfg, policy)
+        r = sampler.sample(policy, contexts, torch.Generator().manual_seed(3))
+        forced = torch.tensor([env.stop_forcing for env in sampler._envs])
+        # a forced episode ends at once with +1; an unforced one continues unless the random policy drew STOP
+        one_step = r.mask.sum(1) == 1
+        assert (one_step[forced]).all() and (r.outputs["env_rewards"][forced, 0] == 1.0).all()
+        assert (r.data["actions"][~forced & ~one_step, 0] != 0).all()
+        n_forced[fraction] = int(forced.sum())
+    assert n_forced[0.0] == 0 and n_forced[1.0] == 16 and 3 <= n_forced[0.5] <= 13
+    with pytest.raises(ConfigError, match=r"stop_forcing_fraction must be in \[0, 1\], got 1.5"):
+        LilGymSamplerConfig(task="TowerScratch", split="dev", data_dir=str(FIXTURES), stop_forcing_fraction=1.5).check()
+
+
+def test_initial_stop_logit_sets_the_prior_of_stop():
+    torch.manual_seed(0)
+    policy = LilGymCNNPolicy(LilGymCNNConfig(appearance="tower", channels=[4, 8, 8], hidden=32, initial_stop_logit=-3.0))
+    assert policy.type_head.bias.tolist() == [-3.0, 0.0, 0.0]
+    with torch.no_grad():
+        policy.type_head.weight.zero_()  # only the bias decides the action type
+    empty = torch.zeros(13, dtype=torch.bool)
+    empty[:10] = True  # the empty world: STOP and the 9 ADDs, no REMOVE
+    images = torch.full((1, 50, 190, 3), 255, dtype=torch.uint8)
+    ids, smask = policy.tokenize(["There is a yellow block."])
+    with torch.no_grad():
+        table, _ = policy.heads(policy.features(images, policy.encode(ids, smask), torch.ones(1, dtype=torch.long)),
+                                empty.unsqueeze(0))
+    p_stop = float(table[0, 0].exp())
+    assert p_stop == pytest.approx(1 / (1 + torch.e**3), rel=1e-4)  # sigmoid(-3): 4.7% instead of 1/2
+
+
 def test_statement_partition_is_disjoint_and_keeps_worlds_together():
     sampler = LilGymSampler(LilGymSamplerConfig(task="TowerFlipIt", split="dev", data_dir=str(FIXTURES)))
     fit = select_statements(sampler.examples, "fit", 0.5)
