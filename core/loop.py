@@ -99,6 +99,13 @@ class Trainer:
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(cpu=run.cpu or several, mixed_precision=run.mixed_precision,
                                        **trackers.accelerator_kwargs(run.log_with, self.run_dir))
+        if self.accelerator.distributed_type.value == "DEEPSPEED":
+            # before any model loads: ZeRO partitions what the checkpoints and policy/ read whole
+            raise ConfigError(
+                "accelerate's DeepSpeed mode is not supported by the loop: its checkpoints, policy/ export and "
+                "sampling would read ZeRO's partitioned parameters and optimizer states as if whole, and a run could "
+                "not be resumed. Launch with configs/accelerate/fsdp2.yaml (FSDP2 sharding, resumable) instead"
+            )
         if run.threads:
             torch.set_num_threads(run.threads)
         numeric_notes = apply_numeric_settings(run)
