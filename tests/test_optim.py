@@ -64,3 +64,47 @@ def test_tf32_switches_the_matmul_mode_and_says_when_it_cannot_act():
         assert apply_numeric_settings(RunSettings()) == []
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("implementation", ["fused", "8bit"])
+def test_runs_with_each_implementation_resume_exactly(tmp_path, monkeypatch, implementation):
+    """A full fine-tune of the tiny GPT-2 (weights large enough for 8-bit moments) stopped after 2
+    iterations and resumed logs what the uninterrupted run logs: the moments are checkpointed."""
+    if implementation == "8bit":
+        pytest.importorskip("bitsandbytes")
+    import copy
+    import json
+    from pathlib import Path
+
+    from polyrl.host import Host
+    from polyrl.loop import train
+
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    base = {
+        "run": {"iterations": 4, "prompts_per_iteration": 2, "samples_per_prompt": 4, "seed": 3, "save_every": 2,
+                "progress": False, "report": False},
+        "prompts": {"file": "assets/tiny-gpt2/prompts.txt"},
+        "policy": {"name": "causal_lm", "pretrained": "assets/tiny-gpt2", "lora_rank": 0},
+        "sampler": {"name": "generate", "max_new_tokens": 8},
+        "rewards": {"sentiment": {"weight": 1.0}},
+        "update": {"name": "grpo", "train_batch_size": 4, "beta": 0.0},
+        "optimizer": {"lr": 1e-3, "implementation": implementation},
+    }
+
+    def run(name: str, iterations: int, resume: bool = False) -> list[dict]:
+        data = copy.deepcopy(base)
+        data["run"].update(output_dir=str(tmp_path / name), iterations=iterations)
+        host = Host()
+        train(host.build_config(data), host, resume=resume)
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    whole = run("whole", 4)
+    run("split", 2)
+    assert run("split", 4, resume=True) == whole
+    state = torch.load(tmp_path / "whole" / "checkpoints" / "iter_000004" / "optimizer.pt", weights_only=True)
+    saved = list(state["optimizer"]["state"].values())
+    if implementation == "8bit":  # bitsandbytes packs its quantised moments under one key
+        assert any("__bnb_optimizer_quant_state__" in s for s in saved)
+    else:
+        assert saved and all("exp_avg" in s and s["exp_avg"].dtype == torch.float32 for s in saved)
