@@ -18,7 +18,7 @@ with the same reward and GRPO has nothing to learn from. This script
 4. saves the model and tokenizer in the Hugging Face format to ``--out`` (with ``warmup_log.txt``):
    point ``policy.pretrained`` at that folder.
 
-Usage (CPU, about a minute on one thread)::
+Usage (CPU, about 3 CPU minutes on one thread)::
 
     python scripts/lilgym_lm_warmup.py --out assets/tiny-gpt2-lilgym
 
