@@ -62,8 +62,10 @@ def test_batched_step_log_probs_give_the_per_step_gradient(tmp_path, name, monke
     batched = gradients(tmp_path, name, 3, monkeypatch)  # 5 or 4 steps: calls of 3 and the rest
     assert len(one) == len(batched) == 1  # 8 samples, micro-batches of 4, accumulated twice
     nonzero = 0
+    scale = max(float(a.abs().max()) for a in one[0])
     for a, b in zip(one[0], batched[0]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-9), (a - b).abs().max()
+        # the same sums in other batch shapes: float32 rounding, about 1e-4 of the largest gradient
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * scale), ((a - b).abs().max(), scale)
         nonzero += int(a.abs().sum() > 0)
     assert nonzero >= len(one[0]) // 2  # every lora_B (lora_A starts with a zero gradient: B = 0)
 

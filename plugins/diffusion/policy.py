@@ -161,9 +161,10 @@ class DiffusionPolicy(DiffusersPolicy):
                 step's timestep and the one it lands on), ``prompt_embeds`` ``[B, L, D]``;
                 ``shared["negative_prompt_embeds"]`` ``[1, L, D]``; ``meta`` holds ``eta``,
                 ``guidance_scale`` and ``num_steps``.
-            steps: ``None`` for all ``T`` steps, or a LongTensor ``[B, K]`` of step indices per
-                sample (each column is one batched UNet call over the ``B`` samples, each at its
-                own step).
+            steps: ``None`` for all ``T`` steps, one UNet call per step (``B`` samples per call);
+                or a LongTensor ``[B, K]`` of step indices per sample, all ``B·K`` of them in one
+                UNet call (twice that batch with guidance): the caller bounds ``K`` (``ddpo``'s
+                ``steps_per_call``).
 
         Returns:
             ``[B, T]`` or ``[B, K]`` float32: ``log π(x_{j+1} | x_j)`` under the current
@@ -177,24 +178,22 @@ class DiffusionPolicy(DiffusersPolicy):
         prev_timesteps = data["prev_timesteps"]
         b, t_total = timesteps.shape
         device = self.device
-        if steps is None:
-            steps = torch.arange(t_total).expand(b, t_total)
+        if steps is None:  # every step, one UNet call per step: memory bounded by B, not B·T
+            every = torch.arange(t_total).expand(b, t_total)
+            return torch.cat([self(rollout, every[:, j : j + 1]) for j in range(t_total)], dim=1)
         if steps.dim() != 2 or steps.shape[0] != b:
             raise ValueError(f"steps must be a LongTensor [B={b}, K], got {tuple(steps.shape)}")
         src = trajectory.device
+        k = steps.shape[1]
         steps = steps.to(device=src, dtype=torch.long)
-        rows = torch.arange(b, device=src)
-        pos = data["prompt_embeds"].to(device)
-        neg = rollout.shared["negative_prompt_embeds"].to(device).expand(b, -1, -1)
-        columns = []
-        for k in range(steps.shape[1]):
-            j = steps[:, k]
-            x = trajectory[rows, j].to(device)
-            x_next = trajectory[rows, j + 1].to(device)
-            t = timesteps.to(src)[rows, j].to(device)
-            t_prev = prev_timesteps.to(src)[rows, j].to(device)
-            eps = self.predict_noise(x, t, pos, neg, float(meta["guidance_scale"]))
-            _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, x, float(meta["eta"]), prev_sample=x_next,
-                                                 prev_timestep=t_prev)
-            columns.append(log_prob)
-        return torch.stack(columns, dim=1)
+        rows = torch.arange(b, device=src)[:, None].expand(b, k)
+        x = trajectory[rows, steps].flatten(0, 1).to(device)  # [B·K, C, h, w], sample-major
+        x_next = trajectory[rows, steps + 1].flatten(0, 1).to(device)
+        t = timesteps.to(src)[rows, steps].flatten().to(device)
+        t_prev = prev_timesteps.to(src)[rows, steps].flatten().to(device)
+        pos = data["prompt_embeds"].to(device).repeat_interleave(k, dim=0)
+        neg = rollout.shared["negative_prompt_embeds"].to(device).expand(b * k, -1, -1)
+        eps = self.predict_noise(x, t, pos, neg, float(meta["guidance_scale"]))  # one UNet call for all B·K steps
+        _, log_prob = ddim_step_with_logprob(self.scheduler, eps, t, x, float(meta["eta"]), prev_sample=x_next,
+                                             prev_timestep=t_prev)
+        return log_prob.reshape(b, k)
