@@ -232,8 +232,9 @@ def main() -> None:
         return one_side(args)
     try:
         import trl
+        from trl import DDPOTrainer  # noqa: F401
     except ImportError:
-        sys.exit("TRL 0.23.1 is not installed in this environment (see the docstring)")
+        sys.exit("this environment has no TRL with DDPOTrainer (TRL <= 0.23.1; see the docstring)")
     import diffusers
     import torch
 
