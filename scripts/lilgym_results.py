@@ -128,27 +128,28 @@ NOTES = """
 - **TowerFlipIt**: stopping at once always fails (the start world has the wrong value), so changing the world
   pays off early and PPO improves the success rate well beyond random on statements it never saw.
 - **Language-model agent** (`configs/lilgym_lm_tower_scratch.yaml`): the tiny GPT-2 of `assets/` was trained on
-  product reviews and never writes a parsable action (parse rate 0%), so every episode ends on its first turn
-  with -1 and GRPO's advantages are all zero. *Warm-up* (`scripts/lilgym_lm_warmup.py`, once: 3.0 CPU minutes,
-  seed 0; its result ships as `assets/tiny-gpt2-lilgym`): 10,655 (prompt, action) pairs from 1,500
-  uniform-valid TowerScratch episodes of the train split, the prompt exactly as the agent reads it and the
-  target the action taken (`" add left yellow\\n"`), 600 AdamW steps of 32 pairs on all weights, loss on the
-  action tokens only. The parse rate of sampled actions on 748 dev turns goes from 0.0% to 99.1% (92.2% valid in
-  their world); the warmed-up model plays about like the uniform-valid baseline (dev, seed 0: sampled 10.4%,
-  greedy 0.0%: its greedy episodes end on an invalid action after about 5 turns). *RL* (the TowerScratch row,
-  1.6 CPU minutes per run; made by `python scripts/lilgym_results.py --tasks TowerScratch --agents "causal LM"`,
-  one training run per seed 0, 1, 2, each evaluated greedy and sampled with its seed): GRPO from the warmed-up
-  model for 60 iterations of 4 examples x 8 episodes (about 6,500 env steps), the episode's return as the
-  reward of all its turns' tokens, advantages scaled by the batch's standard deviation (groups where every
-  episode fails differ only by step penalties, which a group's own scale would amplify), lr 1e-4, and stop forcing in training with the forced STOP recorded as the text "stop" with its log-probs
-  (as the paper's PPO+SF records it). It keeps writing actions and beats the CNN agent, not the uniform-valid
-  baseline: GRPO drifts to short episodes as PPO does (see above). Without stop forcing and with lr 3e-4, the
-  parse rate fell from 95% to 20% within four iterations (an unparsable turn or a wrong STOP ends a failing
-  episode at -1, more than a long failing episode returns, so GRPO reinforced ending episodes with any text);
-  with stop forcing, lr 2e-4 and 100 iterations (one seed), it ended every episode on its first turn, mostly
-  with STOP (1.2% on dev). With a KL penalty to the warmed-up model (`--override update.beta=0.1`, 2.2 CPU
-  minutes per run), the sampled policy stays near it (11.0% (11.0, 11.0, 11.0)) but the greedy one fails more
-  often (4.1% (12.3, 0.0, 0.0)); its parse rate is 97.3% sampled, 99.9% greedy.
+  product reviews and never writes a parsable action (parse rate 0%), so every episode ends on its first turn with
+  -1 and GRPO's advantages are all zero. *Warm-up* (`scripts/lilgym_lm_warmup.py`, once: 3.0 CPU minutes, seed 0;
+  its result ships as `assets/tiny-gpt2-lilgym`): 10,655 (prompt, action) pairs from 1,500 uniform-valid
+  TowerScratch episodes of the train split, the prompt exactly as the agent reads it and the target the action
+  taken (`" add left yellow\\n"`), 600 AdamW steps of 32 pairs on all weights, loss on the action tokens only. The
+  parse rate of sampled actions on 748 dev turns goes from 0.0% to 99.1% (92.2% valid in their world); the
+  warmed-up model plays about like the uniform-valid baseline (dev, seed 0: sampled 10.4%, greedy 0.0%: its greedy
+  episodes end on an invalid action after about 5 turns). *RL* (the TowerScratch row, 1.6 CPU minutes per run;
+  made by `python scripts/lilgym_results.py --tasks TowerScratch --agents "causal LM"`, one training run per seed
+  0, 1, 2, each evaluated greedy and sampled with its seed): GRPO from the warmed-up model for 60 iterations of 4
+  examples x 8 episodes (about 6,500 env steps), the episode's return as the reward of all its turns' tokens,
+  advantages scaled by the batch's standard deviation (groups where every episode fails differ only by step
+  penalties, which a group's own scale would amplify), lr 1e-4, and stop forcing in training with the forced STOP
+  recorded as the text "stop" with its log-probs (as the paper's PPO+SF records it). It keeps writing actions;
+  greedy it matches the CNN agent, sampled it stays below the CNN agent and the uniform-valid baseline: GRPO
+  drifts to short episodes as PPO does (see above). Without stop forcing and with lr 3e-4, the parse rate fell
+  from 95% to 20% within four iterations (an unparsable turn or a wrong STOP ends a failing episode at -1, more
+  than a long failing episode returns, so GRPO reinforced ending episodes with any text); with stop forcing, lr
+  2e-4 and 100 iterations (one seed), it ended every episode on its first turn, mostly with STOP (1.2% on dev).
+  With a KL penalty to the warmed-up model (`--override update.beta=0.1`, 2.2 CPU minutes per run), the sampled
+  policy stays near it (11.0% (11.0, 11.0, 11.0)) but the greedy one fails more often (4.1% (12.3, 0.0, 0.0)); its
+  parse rate is 97.3% sampled, 99.9% greedy.
 - **Scatter**: the uniform-valid baseline almost never succeeds because STOP is 1 of up to 2,661 valid actions
   (it wanders until the horizon). The CNN agent's factorised distribution picks the action type first, so it
   STOPs at a rate it learns; trained as the paper's baseline (stop forcing with the forced STOP recorded,
