@@ -124,7 +124,8 @@ NOTES = """
   prior -3 with stop forcing in half of the episodes, 80 iterations: 13.2%, 250 iterations: 16.3%; the same with
   64 episodes per iteration for 125 iterations: 16.9%. Earlier variants without the prior (150 iterations, entropy
   0.1): no stop forcing 7.4%, stop forcing in half of the episodes 8.0%; stop forcing without recording the forced
-  STOP: 0% (never stops by itself).
+  STOP: 0% (never stops by itself); the config without recording the forced STOP: 3.0% (its episodes run to the
+  horizon).
 - **TowerFlipIt**: stopping at once always fails (the start world has the wrong value), so changing the world
   pays off early and PPO improves the success rate well beyond random on statements it never saw.
 - **Language-model agent** (`configs/lilgym_lm_tower_scratch.yaml`): the tiny GPT-2 of `assets/` was trained on
