@@ -85,6 +85,11 @@ class DiffusersPolicyConfig:
     """Recompute the denoiser's activations in the backward pass instead of keeping them
     (diffusers' ``enable_gradient_checkpointing``): the trained passes' activation memory drops to
     about one block's, for roughly a third more update time. Log-probs and gradients are unchanged."""
+    compile: bool = False
+    """Compile the denoiser's forward with ``torch.compile`` (inductor; parameter names and saved
+    files unchanged). The first calls compile (minutes; again when a batch shape or the adapter's
+    on/off state is new), later ones run fused kernels: worth it on GPUs for long runs with fixed
+    shapes. Log-probs equal the eager ones up to float rounding (about 1e-6)."""
     vae_decode_batch_size: int | None = None
     """Decode at most this many latents per VAE call (``null``: a whole sampling batch at once).
     At 512 px and above the VAE decoder's activations dominate sampling memory; 1-4 bounds them.
@@ -246,6 +251,8 @@ class DiffusersPolicy(Policy):
             self.denoiser_dtype = torch.float32
         if config.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
+        if config.compile:
+            denoiser.compile()  # in place: the module, its parameters and their names stay
         frozen = DTYPES[config.frozen_dtype or config.torch_dtype]
         for part in FROZEN_PARTS:
             module = getattr(pipeline, part, None)
