@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from polyrl.paths import model_load_errors, resolve_path
 from polyrl.types import ConfigError, Reward, Rollout
 
-from .clip_score import OpenClipEmbeddings
+from .clip_score import CLIP_DTYPES, OpenClipEmbeddings
 
 __all__ = [
     "HPSConfig",
@@ -227,11 +227,16 @@ class HPSConfig:
     """Where Hub downloads are kept; ``null`` for the Hugging Face cache."""
     batch_size: int = 32
     """Images and prompts encoded at once."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the HPS model's weights and activations (the score is float32): ``bfloat16`` or
+    ``float16`` halve its memory (ViT-H/14: 3.9 to 2.0 GB); the scores move by about 1e-3."""
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
         if self.batch_size < 1:
             raise ConfigError(f"hps.batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in CLIP_DTYPES:
+            raise ConfigError(f"hps.dtype: {self.dtype!r} is not one of {sorted(CLIP_DTYPES)}")
         check_file_reference(self.checkpoint, "hps.checkpoint")
         check_architecture(self.architecture, "hps.architecture")
 
@@ -249,6 +254,7 @@ class HPSReward(OpenClipEmbeddings, Reward):
         with model_load_errors("rewards.hps.checkpoint", cfg.checkpoint, "a local checkpoint file"):
             path = fetch_hub_file(cfg.checkpoint, cache, "hps.checkpoint")
         self.model, self.tokenizer = load_hps_model(path, cfg.architecture, self.device)
+        self.model.to(CLIP_DTYPES[cfg.dtype])
         self.clip = self.model  # for the shared embedding methods
         pre = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         size = getattr(self.model.visual, "image_size", 224)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from polyrl.paths import model_load_errors, resolve_path
 from polyrl.types import ConfigError, Reward, Rollout
 
+from .clip_score import CLIP_DTYPES
 from .hps import resize_center_crop
 
 __all__ = ["PickScoreConfig", "PickScoreReward", "check_pretrained_reference", "load_transformers_strict"]
@@ -115,11 +116,16 @@ class PickScoreConfig:
     """Multiplies the authors' score (Flow-GRPO trains on the score divided by 26: ``scale: 0.03846``)."""
     batch_size: int = 32
     """Images and prompts encoded at once."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype of the PickScore model's weights and activations (the score is float32): ``bfloat16``
+    or ``float16`` halve its memory (ViT-H/14: 3.9 to 2.0 GB)."""
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
         if self.batch_size < 1:
             raise ConfigError(f"pickscore.batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in CLIP_DTYPES:
+            raise ConfigError(f"pickscore.dtype: {self.dtype!r} is not one of {sorted(CLIP_DTYPES)}")
         check_pretrained_reference(self.model, "pickscore.model")
         check_pretrained_reference(self.processor, "pickscore.processor", needs=("preprocessor_config.json", "processor_config.json"))
 
@@ -151,6 +157,8 @@ class PickScoreReward(Reward):
         self.mean, self.std = tuple(ip.image_mean), tuple(ip.image_std)
         with model_load_errors("rewards.pickscore.model", cfg.model, "a local CLIPModel folder"):
             self.model = load_transformers_strict(CLIPModel, cfg.model, "pickscore.model", cache).to(self.device)
+        self.dtype = CLIP_DTYPES[cfg.dtype]
+        self.model.to(self.dtype)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -161,7 +169,7 @@ class PickScoreReward(Reward):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         out = []
         for chunk in images.split(self.cfg.batch_size):
-            x = self.preprocess(chunk.to(self.device))
+            x = self.preprocess(chunk.to(self.device)).to(self.dtype)
             out.append(F.normalize(_features(self.model.get_image_features(pixel_values=x)).float(), dim=-1))
         return torch.cat(out)
 

@@ -298,3 +298,15 @@ def test_aesthetic_reward_keeps_only_the_image_tower_and_takes_a_dtype(tmp_path,
     torch.testing.assert_close(low_scores, scores, atol=0.05 * float(scores.abs().max()), rtol=0)
     with pytest.raises(ConfigError, match="dtype"):
         from_dict(AestheticConfig, {**base, "dtype": "int8"}, "rewards.aesthetic")
+
+
+def test_clip_score_takes_a_dtype(tiny_images):
+    images, prompts = tiny_images
+    full = ClipScore(from_dict(ClipScoreConfig, {"model": "assets/tiny-clip"}, "rewards.clip_score"))
+    low = ClipScore(from_dict(ClipScoreConfig, {"model": "assets/tiny-clip", "dtype": "bfloat16"}, "rewards.clip_score"))
+    assert {p.dtype for p in low.clip.parameters()} == {torch.bfloat16}
+    a, b = full(image_rollout(images, prompts)), low(image_rollout(images, prompts))
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a, atol=0.03, rtol=0)  # cosines in [-1, 1]
+    with pytest.raises(ConfigError, match="clip_score.dtype"):
+        from_dict(ClipScoreConfig, {"model": "assets/tiny-clip", "dtype": "int8"}, "rewards.clip_score")

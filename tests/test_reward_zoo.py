@@ -129,6 +129,20 @@ def test_pickscore_loads_the_transformers_format_and_scores_as_the_authors(picks
     torch.testing.assert_close(half(rollout(u8.float() / 255, PROMPTS)), 0.5 * ours)
 
 
+def test_pickscore_takes_a_dtype(pickscore_folder):
+    base = {"model": str(pickscore_folder), "processor": str(pickscore_folder)}
+    full = PickScoreReward(from_dict(PickScoreConfig, base, "rewards.pickscore"))
+    low = PickScoreReward(from_dict(PickScoreConfig, {**base, "dtype": "bfloat16"}, "rewards.pickscore"))
+    assert {p.dtype for p in low.model.parameters()} == {torch.bfloat16}
+    u8 = images_u8(4, 48, 40)
+    a, b = full(rollout(u8.float() / 255, PROMPTS)), low(rollout(u8.float() / 255, PROMPTS))
+    assert b.dtype == torch.float32
+    scale = float(full.model.logit_scale.exp())  # the score is a cosine times this
+    torch.testing.assert_close(b, a, atol=0.03 * scale, rtol=0)
+    with pytest.raises(ConfigError, match="pickscore.dtype"):
+        from_dict(PickScoreConfig, {**base, "dtype": "int8"}, "rewards.pickscore")
+
+
 def test_pickscore_refuses_checkpoints_that_do_not_match(pickscore_folder, tmp_path):
     import shutil
 
@@ -200,6 +214,20 @@ def test_hps_loads_the_checkpoint_format_and_scores_as_the_authors(hps_files, h,
         txt = F.normalize(model.encode_text(tokenizer(PROMPTS)), dim=-1)
         manual = torch.diagonal(img @ txt.T)
     torch.testing.assert_close(ours, manual, atol=1e-5, rtol=1e-4)
+
+
+def test_hps_takes_a_dtype(hps_files):
+    arch, ckpt = hps_files
+    base = {"checkpoint": str(ckpt), "architecture": str(arch)}
+    full = HPSReward(from_dict(HPSConfig, base, "rewards.hps"))
+    low = HPSReward(from_dict(HPSConfig, {**base, "dtype": "bfloat16"}, "rewards.hps"))
+    assert {p.dtype for p in low.model.parameters()} == {torch.bfloat16}
+    u8 = images_u8(4, 32, 32, seed=5)
+    a, b = full(rollout(u8.float() / 255, PROMPTS)), low(rollout(u8.float() / 255, PROMPTS))
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a, atol=0.03, rtol=0)
+    with pytest.raises(ConfigError, match="hps.dtype"):
+        from_dict(HPSConfig, {**base, "dtype": "int8"}, "rewards.hps")
 
 
 def test_hps_refuses_checkpoints_that_do_not_match(hps_files, tmp_path):
