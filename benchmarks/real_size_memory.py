@@ -6,8 +6,8 @@ the real formats (the Hub is not needed): a Stable-Diffusion-1.5 pipeline (860 M
 0.5 B causal LM with Qwen2-0.5B's shape. Each variant is one ``polyrl train`` run of one
 iteration in its own process; its peak resident memory (``ru_maxrss`` of that process) is the
 number reported. The work per iteration is deliberately small (one 512 px sample of one
-denoising step, with DDPO's classifier-free guidance for SD-1.5; 8 completions of 64 tokens for the
-LM) so that a CPU finishes it: the memory of the weights, the optimizer and one micro-batch's
+denoising step with DDPO's classifier-free guidance for SD-1.5, of two consistency steps for the
+LCM, the fewest its sampler accepts; 8 completions of 64 tokens for the LM) so that a CPU finishes it: the memory of the weights, the optimizer and one micro-batch's
 activations is what the switches change, and it does not grow with the number of steps.
 
     python benchmarks/real_size_memory.py --families sd15 lcm lm --threads 2
@@ -85,7 +85,7 @@ def build_lm(folder: Path) -> None:
 
 # ------------------------------------------------------------------------------ runs
 def image_config(pretrained: str, lcm: bool, head: str) -> dict:
-    sampler = ({"name": "lcm", "num_steps": 1, "guidance_scale": 8.0, "batch_size": 1} if lcm else
+    sampler = ({"name": "lcm", "num_steps": 2, "guidance_scale": 8.0, "batch_size": 1} if lcm else
                {"name": "ddim", "num_steps": 1, "eta": 1.0, "guidance_scale": 5.0, "batch_size": 1})
     return {
         "run": {"iterations": 1, "prompts_per_iteration": 1, "samples_per_prompt": 1, "seed": 0, "report": False,
