@@ -29,15 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from peer import REPO, interleaved_pairs, launch_side, mean_over, median_range, per_run, write_block
 CAPTIONS = ["a red circle on the right", "a red triangle at the top", "a green square on the left",
             "a green star at the bottom", "a blue triangle on the left", "a yellow circle at the bottom",
             "a yellow star on the left", "a purple square at the bottom"]
@@ -199,15 +196,9 @@ def one_side(args) -> None:
 
 
 def launch(args, side: str, result: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--result", str(result),
-           "--iterations", str(args.iterations), "--steps", str(args.steps), "--samples", str(args.samples),
-           "--train-batch", str(args.train_batch), "--steps-per-call", str(args.steps_per_call),
-           "--seed", str(args.seed)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"the {side} run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(result.read_text())
+    return launch_side(__file__, side, result, [
+        "--iterations", str(args.iterations), "--steps", str(args.steps), "--samples", str(args.samples),
+        "--train-batch", str(args.train_batch), "--steps-per-call", str(args.steps_per_call), "--seed", str(args.seed)])
 
 
 def main() -> None:
@@ -238,27 +229,17 @@ def main() -> None:
     import diffusers
     import torch
 
-    pairs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.pairs):
-            sides = ["polyrl", "trl"] if i % 2 == 0 else ["trl", "polyrl"]
-            got = {s: launch(args, s, Path(tmp) / f"{s}{i}.json") for s in sides}
-            pairs.append(got)
-            cpu = {s: statistics.fmean(r["cpu_s"] for r in got[s]["iterations"][1:]) for s in sides}
-            print(f"pair {i + 1}: polyrl {cpu['polyrl']:.2f} s/it, TRL {cpu['trl']:.2f} s/it, "
-                  f"TRL/polyrl {cpu['trl'] / cpu['polyrl']:.3f}", flush=True)
+        pairs = interleaved_pairs(args.pairs, lambda s, i: launch(args, s, Path(tmp) / f"{s}{i}.json"), digits=2)
 
-    def per_it(side: str) -> list[float]:
-        return [statistics.fmean(r["cpu_s"] for r in p[side]["iterations"][1:]) for p in pairs]
-
-    ours, theirs = per_it("polyrl"), per_it("trl")
+    ours, theirs = per_run(pairs, "polyrl"), per_run(pairs, "trl")
     ratios = [t / o for o, t in zip(ours, theirs)]
     counts = {s: pairs[0][s]["iterations"][1] for s in ("polyrl", "trl")}
     same = all(p[s]["iterations"][k][c] == counts[s][c] for p in pairs for s in counts
                for k in range(1, args.iterations) for c in ("sample_calls", "sample_rows", "train_calls", "train_rows"))
 
     def mean(side: str, key: str) -> float:  # per iteration, over the timed iterations of every run
-        return statistics.fmean(r[key] for p in pairs for r in p[side]["iterations"][1:])
+        return mean_over(pairs, side, key)
 
     def work(side: str) -> float:  # the UNet's forward and backward passes
         return sum(mean(side, k) for k in ("sample_forward_s", "train_forward_s", "backward_s"))
@@ -267,7 +248,7 @@ def main() -> None:
         return mean(side, "cpu_s") - work(side)
 
     def rng(xs: list[float], f: str = ".2f") -> str:
-        return f"{statistics.median(xs):{f}} ({min(xs):{f}}–{max(xs):{f}})"
+        return median_range(xs, f)
 
     lines = [
         f"DDPO on the tiny SD: {args.samples} samples x {args.steps} DDIM steps (eta 1, guidance 5), micro-batches of "
@@ -300,15 +281,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        path = Path(args.markdown)
-        body = path.read_text() if path.is_file() else ""
-        block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-        if MARK_BEGIN in body and MARK_END in body:
-            body = body[: body.index(MARK_BEGIN)] + block + body[body.index(MARK_END) + len(MARK_END):]
-        else:
-            body = body.rstrip() + f"\n\n## Next to TRL's DDPOTrainer (`benchmarks/trl_ddpo.py`)\n\n{block}\n"
-        path.write_text(body)
-        print(f"wrote {path}")
+        write_block(args.markdown, MARK_BEGIN, MARK_END, text, "## Next to TRL's DDPOTrainer (`benchmarks/trl_ddpo.py`)")
 
 
 if __name__ == "__main__":

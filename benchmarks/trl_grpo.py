@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from peer import REPO, interleaved_pairs, launch_side, mean_over, median_range, per_run, write_block
 MARK_BEGIN, MARK_END = "<!-- trl-benchmark:begin -->", "<!-- trl-benchmark:end -->"
 COUNTS = [f"{g}_{k}" for g in ("nograd", "grad") for k in ("calls", "rows", "tokens", "s")]
 TIMED = ["backward_s", "draw_s", "optimizer_s", "reward_s"]  # other work that both sides must do
@@ -236,15 +234,10 @@ def one_side(args) -> None:
 
 
 def launch(args, side: str, result: Path, evaluate_models: bool) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--result", str(result),
-           "--iterations", str(args.iterations), "--prompts", str(args.prompts), "--group", str(args.group),
-           "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--beta", str(args.beta),
-           "--seed", str(args.seed)] + (["--evaluate"] if evaluate_models else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"the {side} run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(result.read_text())
+    return launch_side(__file__, side, result, [
+        "--iterations", str(args.iterations), "--prompts", str(args.prompts), "--group", str(args.group),
+        "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--beta", str(args.beta),
+        "--seed", str(args.seed)] + (["--evaluate"] if evaluate_models else []))
 
 
 def main() -> None:
@@ -272,21 +265,12 @@ def main() -> None:
         sys.exit("TRL is not installed: pip install -e '.[bench]' (or pip install trl)")
     import transformers
 
-    pairs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.pairs):
-            sides = ["polyrl", "trl"] if i % 2 == 0 else ["trl", "polyrl"]
-            got = {s: launch(args, s, Path(tmp) / f"{s}{i}.json", evaluate_models=i == 0) for s in sides}
-            pairs.append(got)
-            cpu = {s: statistics.fmean(r["cpu_s"] for r in got[s]["iterations"][1:]) for s in sides}
-            print(f"pair {i + 1}: polyrl {cpu['polyrl']:.3f} s/it, TRL {cpu['trl']:.3f} s/it, "
-                  f"TRL/polyrl {cpu['trl'] / cpu['polyrl']:.3f}", flush=True)
-
-    def per_it(side: str) -> list[float]:
-        return [statistics.fmean(r["cpu_s"] for r in p[side]["iterations"][1:]) for p in pairs]
+        pairs = interleaved_pairs(
+            args.pairs, lambda s, i: launch(args, s, Path(tmp) / f"{s}{i}.json", evaluate_models=i == 0), digits=3)
 
     def total(side: str, key: str) -> float:  # per iteration, over the timed iterations of every run
-        return statistics.fmean(r[key] for p in pairs for r in p[side]["iterations"][1:])
+        return mean_over(pairs, side, key)
 
     def work(side: str) -> float:  # what both sides must do: passes, token draws, reward, optimizer step
         return sum(total(side, k) for k in ("nograd_s", "grad_s") + tuple(TIMED))
@@ -295,9 +279,9 @@ def main() -> None:
         return total(side, "cpu_s") - work(side)
 
     def rng(xs: list[float], f: str = ".3f") -> str:
-        return f"{statistics.median(xs):{f}} ({min(xs):{f}}–{max(xs):{f}})"
+        return median_range(xs, f)
 
-    ours, theirs = per_it("polyrl"), per_it("trl")
+    ours, theirs = per_run(pairs, "polyrl"), per_run(pairs, "trl")
     ratios = [t / o for o, t in zip(ours, theirs)]
     last = lambda xs: statistics.fmean(xs[-5:])  # noqa: E731
     first = pairs[0]
@@ -343,15 +327,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.markdown:
-        path = Path(args.markdown)
-        body = path.read_text() if path.is_file() else ""
-        block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-        if MARK_BEGIN in body and MARK_END in body:
-            body = body[: body.index(MARK_BEGIN)] + block + body[body.index(MARK_END) + len(MARK_END):]
-        else:
-            body = body.rstrip() + f"\n\n## Next to TRL's GRPOTrainer (`benchmarks/trl_grpo.py`)\n\n{block}\n"
-        path.write_text(body)
-        print(f"wrote {path}")
+        write_block(args.markdown, MARK_BEGIN, MARK_END, text, "## Next to TRL's GRPOTrainer (`benchmarks/trl_grpo.py`)")
 
 
 if __name__ == "__main__":
