@@ -171,7 +171,7 @@ class FlowGRPO(Update):
                     stats.add("loss", loss)
                     stats.update(step_stats)
                 stats.add("grad_norm", ctx.optimizer_step())
-        out_stats = stats.means()
-        out_stats["advantage_abs_mean"] = adv.abs().mean().item()
+        stats.add("advantage_abs_mean", adv.abs().mean())
+        out_stats = stats.means()  # the update's one read of its statistics
         out_stats["trained_steps"] = float(t_train)
         return out_stats

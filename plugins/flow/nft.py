@@ -174,8 +174,8 @@ class DiffusionNFT(Update):
                     stats.add("loss", loss)
                     stats.update(step_stats)
                 stats.add("grad_norm", ctx.optimizer_step())
-        out = stats.means()
-        out["advantage_abs_mean"] = adv.abs().mean().item()
-        out["optimality_mean"] = r.mean().item()
+        stats.add("advantage_abs_mean", adv.abs().mean())
+        stats.add("optimality_mean", r.mean())
+        out = stats.means()  # the update's one read of its statistics
         out["trained_sigmas"] = float(n_train)
         return out
