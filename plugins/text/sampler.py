@@ -17,8 +17,8 @@ __all__ = ["TextSamplerConfig", "TextSampler"]
 
 
 @dataclass
-class TextSamplerConfig:
-    """Sampling settings; the policy recomputes log-probs under the same processed distribution."""
+class GenerationSettings:
+    """The token distribution a text sampler draws from (shared by ``generate`` and ``vllm``)."""
 
     max_new_tokens: int = 24
     """Completion length in tokens (``T``); rows that emit EOS earlier are padded."""
@@ -28,6 +28,22 @@ class TextSamplerConfig:
     """Sample among the k most likely tokens only; 0 turns top-k off."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1.0 turns it off."""
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sampler.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ConfigError(f"sampler.temperature must be > 0 (sampling is stochastic), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampler.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampler.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+@dataclass
+class TextSamplerConfig(GenerationSettings):
+    """Sampling settings; the policy recomputes log-probs under the same processed distribution."""
+
     batch_size: int = 32
     """Prompts generated together in one chunk (bounds memory; results do not depend on it
     beyond floating-point noise)."""
@@ -42,14 +58,7 @@ class TextSamplerConfig:
     """Probability that a sample is reset to a dataset prefix (with ``reset_column``)."""
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"sampler.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ConfigError(f"sampler.temperature must be > 0 (sampling is stochastic), got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"sampler.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sampler.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        super().check()
         if self.batch_size < 1:
             raise ConfigError(f"sampler.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.reset_fraction <= 1.0:

@@ -32,7 +32,7 @@ from polyrl import ConfigError, Context, Rollout, Sampler
 
 from .logits import SamplingSettings
 from .policy import CausalLMPolicy
-from .sampler import TextSampler
+from .sampler import GenerationSettings, TextSampler
 
 __all__ = ["VLLMSamplerConfig", "VLLMSampler", "merged_weights", "vllm_available"]
 
@@ -43,17 +43,9 @@ def vllm_available() -> bool:
 
 
 @dataclass
-class VLLMSamplerConfig:
+class VLLMSamplerConfig(GenerationSettings):
     """Sampling settings (the same meaning as the ``generate`` sampler's) and the engine's settings."""
 
-    max_new_tokens: int = 24
-    """Completion length in tokens (``T``); rows that emit EOS earlier are padded."""
-    temperature: float = 1.0
-    """Softmax temperature (> 0)."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only; 0 turns top-k off."""
-    top_p: float = 1.0
-    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1.0 turns it off."""
     stop_at_eos: bool = True
     """End a completion at the EOS token (kept as a real action); false generates ``max_new_tokens``."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -73,14 +65,7 @@ class VLLMSamplerConfig:
     the sampler's own settings win over them."""
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"sampler.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ConfigError(f"sampler.temperature must be > 0 (sampling is stochastic), got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"sampler.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sampler.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        super().check()
         if self.max_model_len <= self.max_new_tokens:
             raise ConfigError(f"sampler.max_model_len={self.max_model_len} must exceed sampler.max_new_tokens="
                               f"{self.max_new_tokens} (it also holds the prompt)")
