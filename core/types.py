@@ -26,7 +26,12 @@ __all__ = [
     "ConfigError",
     "ROLLOUT_FORMATS",
     "CAPABILITIES",
+    "DTYPES",
 ]
+
+#: The dtype names that configs accept for weights (``torch_dtype``, ``frozen_dtype``, a reward's
+#: ``dtype``), and the torch dtypes they name.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ConfigError(ValueError):

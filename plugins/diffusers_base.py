@@ -31,13 +31,12 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from polyrl import ConfigError, Policy, Rollout
+from polyrl.types import DTYPES
 from polyrl.paths import check_model_source, model_load_errors, resolve_path
 
-__all__ = ["DTYPES", "DiffusersPolicy", "DiffusersPolicyConfig", "dtype_kwarg", "load_pipeline", "pipeline_class_of",
+__all__ = ["DiffusersPolicy", "DiffusersPolicyConfig", "dtype_kwarg", "load_pipeline", "pipeline_class_of",
            "wrong_class_message"]
 
-#: The dtype names the configs accept.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Which built-in policy trains which pipeline class (for the hint of a refusal).
 POLICY_OF = {"StableDiffusionPipeline": "diffusion", "LatentConsistencyModelPipeline": "lcm",

@@ -27,13 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyrl.paths import model_load_errors, resolve_path
-from polyrl.types import ConfigError, Reward, Rollout
+from polyrl.types import DTYPES, ConfigError, Reward, Rollout
 
 from .clip_score import _OPEN_CLIP, _shown, check_model_reference, load_open_clip
 
 __all__ = ["AestheticConfig", "AestheticMLP", "AestheticReward", "drop_text_tower", "fetch_head", "load_aesthetic_head"]
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: The attributes of an open_clip model that only its text tower uses (CLIP and CustomTextCLIP).
 TEXT_TOWER = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection", "text",
@@ -160,8 +158,8 @@ class AestheticConfig:
         """Reject impossible settings before any model loads."""
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype: {self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         if not _is_url(self.head) and not Path(resolve_path(self.head)).expanduser().is_file():
             raise ConfigError(
                 f"head: no such file {self.head!r}; give a local .pth file or a URL (default {HEAD_URL})"
@@ -182,7 +180,7 @@ class AestheticReward(Reward):
         with model_load_errors("rewards.aesthetic.model", _shown(cfg.model, cfg.pretrained), _OPEN_CLIP):
             self.clip, _, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
         drop_text_tower(self.clip)
-        self.dtype = _DTYPES[cfg.dtype]
+        self.dtype = DTYPES[cfg.dtype]
         self.clip.to(self.dtype)
         dim = _embed_dim(self.clip)
         with model_load_errors("rewards.aesthetic.head", cfg.head, "a local .pth file"):

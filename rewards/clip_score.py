@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from polyrl.paths import model_load_errors, resolve_path
-from polyrl.types import ConfigError, Reward, Rollout
+from polyrl.types import DTYPES, ConfigError, Reward, Rollout
 
 __all__ = ["ClipPreprocess", "ClipScore", "ClipScoreConfig", "load_open_clip", "model_reference", "preprocess_images"]
 
@@ -195,17 +195,13 @@ class ClipScoreConfig:
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
-        if self.dtype not in CLIP_DTYPES:
-            raise ConfigError(f"clip_score.dtype: {self.dtype!r} is not one of {sorted(CLIP_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"clip_score.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         if "{prompt}" not in self.template:
             raise ConfigError(f"clip_score.template must contain '{{prompt}}', got {self.template!r}")
         if self.batch_size < 1:
             raise ConfigError(f"clip_score.batch_size must be >= 1, got {self.batch_size}")
         check_model_reference(self.model, self.pretrained, "clip_score")
-
-
-#: The dtypes the CLIP-based rewards accept for their model (``dtype`` setting).
-CLIP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class OpenClipEmbeddings:
@@ -218,7 +214,7 @@ class OpenClipEmbeddings:
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings ``[B, D]`` float32 of images ``[B, 3, H, W]`` in [0, 1]."""
-        dtype = CLIP_DTYPES[getattr(self.cfg, "dtype", "float32")]
+        dtype = DTYPES[getattr(self.cfg, "dtype", "float32")]
         out = [F.normalize(self.clip.encode_image(self.preprocess(c.to(self.device)).to(dtype)).float(), dim=-1)
                for c in images.split(self.cfg.batch_size)]
         return torch.cat(out)
@@ -246,7 +242,7 @@ class ClipScore(OpenClipEmbeddings, Reward):
         cache = cfg.cache_dir and str(Path(cfg.cache_dir).expanduser())
         with model_load_errors("rewards.clip_score.model", _shown(cfg.model, cfg.pretrained), _OPEN_CLIP):
             self.clip, self.tokenizer, self.preprocess = load_open_clip(cfg.model, cfg.pretrained, cache, self.device)
-        self.clip.to(CLIP_DTYPES[cfg.dtype])
+        self.clip.to(DTYPES[cfg.dtype])
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from polyrl.paths import model_load_errors, resolve_path
-from polyrl.types import ConfigError, Reward, Rollout
+from polyrl.types import DTYPES, ConfigError, Reward, Rollout
 
-from .clip_score import CLIP_DTYPES, OpenClipEmbeddings
+from .clip_score import OpenClipEmbeddings
 
 __all__ = [
     "HPSConfig",
@@ -235,8 +235,8 @@ class HPSConfig:
         """Reject impossible settings before any model loads."""
         if self.batch_size < 1:
             raise ConfigError(f"hps.batch_size must be >= 1, got {self.batch_size}")
-        if self.dtype not in CLIP_DTYPES:
-            raise ConfigError(f"hps.dtype: {self.dtype!r} is not one of {sorted(CLIP_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"hps.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         check_file_reference(self.checkpoint, "hps.checkpoint")
         check_architecture(self.architecture, "hps.architecture")
 
@@ -254,7 +254,7 @@ class HPSReward(OpenClipEmbeddings, Reward):
         with model_load_errors("rewards.hps.checkpoint", cfg.checkpoint, "a local checkpoint file"):
             path = fetch_hub_file(cfg.checkpoint, cache, "hps.checkpoint")
         self.model, self.tokenizer = load_hps_model(path, cfg.architecture, self.device)
-        self.model.to(CLIP_DTYPES[cfg.dtype])
+        self.model.to(DTYPES[cfg.dtype])
         self.clip = self.model  # for the shared embedding methods
         pre = getattr(self.model.visual, "preprocess_cfg", {}) or {}
         size = getattr(self.model.visual, "image_size", 224)

@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from polyrl.paths import model_load_errors, resolve_path
-from polyrl.types import ConfigError, Reward, Rollout
+from polyrl.types import DTYPES, ConfigError, Reward, Rollout
 
-from .clip_score import CLIP_DTYPES
 from .hps import resize_center_crop
 
 __all__ = ["PickScoreConfig", "PickScoreReward", "check_pretrained_reference", "load_transformers_strict"]
@@ -124,8 +123,8 @@ class PickScoreConfig:
         """Reject impossible settings before any model loads."""
         if self.batch_size < 1:
             raise ConfigError(f"pickscore.batch_size must be >= 1, got {self.batch_size}")
-        if self.dtype not in CLIP_DTYPES:
-            raise ConfigError(f"pickscore.dtype: {self.dtype!r} is not one of {sorted(CLIP_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"pickscore.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         check_pretrained_reference(self.model, "pickscore.model")
         check_pretrained_reference(self.processor, "pickscore.processor", needs=("preprocessor_config.json", "processor_config.json"))
 
@@ -157,7 +156,7 @@ class PickScoreReward(Reward):
         self.mean, self.std = tuple(ip.image_mean), tuple(ip.image_std)
         with model_load_errors("rewards.pickscore.model", cfg.model, "a local CLIPModel folder"):
             self.model = load_transformers_strict(CLIPModel, cfg.model, "pickscore.model", cache).to(self.device)
-        self.dtype = CLIP_DTYPES[cfg.dtype]
+        self.dtype = DTYPES[cfg.dtype]
         self.model.to(self.dtype)
         self._text_cache: dict[str, torch.Tensor] = {}
 
