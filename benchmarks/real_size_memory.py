@@ -12,7 +12,9 @@ activations is what the switches change, and it does not grow with the number of
 
     python benchmarks/real_size_memory.py --families sd15 lcm lm --threads 2
 
-Models are written once to ``--cache`` (about 10 GB) and reused.
+Models are written once to ``--cache`` (about 10 GB) and reused. Each run's own output folder
+(its checkpoint is as large as the model) is deleted as soon as its memory is read; pass
+``--keep-runs`` to keep them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,8 +142,11 @@ TEXT_VARIANTS = [
 ]
 
 
-def run_variant(config: dict, overrides: list[str], threads: int, workdir: Path) -> dict:
-    """One ``polyrl train`` of the config in a fresh process: its peak RSS (GB), seconds, exit code."""
+def run_variant(config: dict, overrides: list[str], threads: int, workdir: Path, keep: bool = False) -> dict:
+    """One ``polyrl train`` of the config in a fresh process: its peak RSS (GB), seconds, exit code.
+
+    The run's folder is deleted afterwards unless ``keep``: at real size every run saves a checkpoint
+    of gigabytes, and a full table would otherwise leave tens of gigabytes behind."""
     out = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     cfg = dict(config, run=dict(config["run"], output_dir=str(out / "run"), threads=threads))
     path = out / "config.yaml"
@@ -155,6 +161,8 @@ def run_variant(config: dict, overrides: list[str], threads: int, workdir: Path)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         print(output[-3000:], file=sys.stderr)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return {"peak_rss_gb": usage.ru_maxrss / 1024**2, "seconds": seconds, "exit": code}
 
 
@@ -167,6 +175,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", type=int, default=None, help="indices of the variants to run")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run's output folder (checkpoints included)")
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -181,7 +190,7 @@ def main() -> None:
         for i, (name, overrides) in enumerate(variants):
             if args.only is not None and i not in args.only:
                 continue
-            r = run_variant(config, overrides, args.threads, cache)
+            r = run_variant(config, overrides, args.threads, cache, keep=args.keep_runs)
             r.update(family=family, variant=name, overrides=overrides)
             results.append(r)
             print(f"{family:5s} | {name} | {r['peak_rss_gb']:.2f} GB | {r['seconds']:.0f} s | exit {r['exit']}", flush=True)
