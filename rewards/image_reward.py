@@ -47,13 +47,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from torch import nn
 
 from polyrl.paths import model_load_errors
-from polyrl.types import ConfigError, Reward, Rollout
+from polyrl.types import DTYPES, ConfigError, Reward, Rollout
 
 from .aesthetic import AestheticMLP
 from .hps import check_file_reference, check_state_dict, fetch_hub_file, resize_center_crop
@@ -111,7 +111,8 @@ class ImageRewardModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B]`` normalised ImageReward scores of preprocessed images and tokenised prompts."""
-        image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
+        dtype = self.vision.embeddings.patch_embedding.weight.dtype  # the encoders' dtype; the head stays float32
+        image_embeds = self.vision(pixel_values=pixel_values.to(dtype)).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         h = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                       encoder_attention_mask=image_atts).last_hidden_state[:, 0, :]
@@ -218,9 +219,14 @@ class ImageRewardConfig:
     """Where Hub downloads are kept; ``null`` for the Hugging Face cache."""
     batch_size: int = 16
     """Images scored at once."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """The dtype of the BLIP image and text encoders (``bfloat16`` halves their memory, and scores move by
+    a few hundredths); the MLP head and the scores stay float32."""
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"image_reward.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         for name in ("vision_width", "vision_layers", "vision_heads", "patch_size", "image_size", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"image_reward.{name} must be >= 1, got {getattr(self, name)}")
@@ -252,6 +258,8 @@ class ImageRewardReward(Reward):
         self.model = load_image_reward(ckpt, med, self.device, vision_width=cfg.vision_width,
                                        vision_layers=cfg.vision_layers, vision_heads=cfg.vision_heads,
                                        patch_size=cfg.patch_size, image_size=cfg.image_size)
+        self.model.vision.to(DTYPES[cfg.dtype])
+        self.model.text.to(DTYPES[cfg.dtype])
         vocab = self.model.text.config.vocab_size
         if len(self.tokenizer) > vocab:
             raise ValueError(f"image_reward: the tokenizer has {len(self.tokenizer)} ids but the text encoder {vocab}")

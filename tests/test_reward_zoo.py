@@ -382,6 +382,20 @@ def test_image_reward_loads_the_authors_format_and_scores_as_the_authors(image_r
     assert len(reward.tokenizer) == len(WORDS) + 7 and reward.tokenizer.bos_token == "[DEC]"
 
 
+def test_image_reward_takes_a_dtype(image_reward_files):
+    root, _ = image_reward_files
+    full = ImageRewardReward(image_reward_config(root))
+    low = ImageRewardReward(image_reward_config(root, dtype="bfloat16"))
+    assert {p.dtype for p in low.model.vision.parameters()} | {p.dtype for p in low.model.text.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in low.model.head.parameters()} == {torch.float32}
+    u8 = images_u8(4, 40, 56)
+    a, b = full(rollout(u8.float() / 255, PROMPTS)), low(rollout(u8.float() / 255, PROMPTS))
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    torch.testing.assert_close(b, a, atol=0.05 * float(a.abs().max()) + 1e-3, rtol=0)
+    with pytest.raises(ConfigError, match="image_reward.dtype"):
+        image_reward_config(root, dtype="int8")
+
+
 def test_image_reward_refuses_checkpoints_that_do_not_match(image_reward_files, tmp_path):
     root, state = image_reward_files
     cases = {
