@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from polyrl import ConfigError, Context
 from polyrl.plugins.text import CausalLMConfig, CausalLMPolicy, TextSampler, TextSamplerConfig
 from polyrl.plugins.text.logits import SamplingSettings, process_logits
-from polyrl.plugins.text.policy import _SampledTokenLogProbs
+from polyrl.plugins.text.policy import _entropy, _SampledTokenLogProbs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "assets" / "tiny-gpt2"
@@ -213,12 +213,55 @@ def test_chunked_log_probs_under_nlpo_action_mask() -> None:
     torch.testing.assert_close(results[4][0], rollout.log_probs, atol=1e-4, rtol=0)  # the sampled distribution
 
 
-def test_entropy_and_values_keep_the_full_path() -> None:
+@pytest.mark.parametrize("settings", [{}, {"temperature": 0.8, "top_k": 20}], ids=["t1", "t0.8-k20"])
+def test_chunked_entropies_equal_the_full_log_softmax(settings: dict) -> None:
+    """The actor-critic updates' pass (log-probs, entropies, values) takes the chunked path too:
+    the same entropies, and the same gradients through a loss that uses both."""
     policy = make(value_head=True)
-    rollout = sample(policy, n=4)
-    out = policy(rollout, with_values=True, with_entropy=True)  # the full log-softmax, for the entropy
-    assert set(out) == {"log_probs", "values", "entropy"} and (out["entropy"][rollout.mask] > 0).all()
-    torch.testing.assert_close(out["log_probs"], policy(rollout), atol=1e-6, rtol=1e-6)  # chunked
+    rollout = sample(policy, n=6, **settings)
+    assert rollout.num_steps > 3
+    results = {}
+    for chunk in (0, 5):
+        policy.config.log_prob_chunk_tokens = chunk
+        policy.train()
+        policy.zero_grad(set_to_none=True)
+        params = list(policy.trainable_parameters())
+        out = policy(rollout, with_values=True, with_entropy=True)
+        assert set(out) == {"log_probs", "values", "entropy"}
+        (out["log_probs"].sum() - 0.3 * out["entropy"].sum() + out["values"].sum()).backward()
+        results[chunk] = ({k: v.detach() for k, v in out.items()}, [p.grad.clone() for p in params])
+    full, chunked = results[0], results[5]
+    assert (full[0]["entropy"][rollout.mask] > 0).all()
+    assert (full[0]["entropy"][~rollout.mask] == 0).all()
+    for key in ("log_probs", "entropy", "values"):
+        torch.testing.assert_close(chunked[0][key], full[0][key], atol=1e-6, rtol=1e-6)
+    for a, b in zip(full[1], chunked[1]):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked[0]["log_probs"], policy(rollout).detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_chunked_entropy_holds_no_float32_batch_by_vocab_tensor() -> None:
+    """Synthetic bf16 logits [8, 96, 2048]: with the entropy, the chunked forward and backward still
+    produce no float32 tensor larger than one chunk and keep only the logits."""
+    B, T, V, chunk = 8, 96, 2048, 32
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(B, T, V, generator=g) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    settings = SamplingSettings(temperature=0.7, top_k=100)
+    x = logits.clone().requires_grad_(True)
+    mode = LargeFloat32(limit=chunk * V)
+    with mode:
+        nbytes, (lp, ent) = saved_bytes(lambda: _SampledTokenLogProbs.apply(x, tokens, None, settings, None, chunk, True))
+        (lp.sum() + ent.sum()).backward()
+    assert mode.large == [] and nbytes.get(torch.float32, 0) == 0, (mode.large, nbytes)
+    y = logits.clone().requires_grad_(True)
+    logp_all = process_logits(y, settings).log_softmax(-1)
+    full_lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    full_ent = _entropy(logp_all)
+    (full_lp.sum() + full_ent.sum()).backward()
+    torch.testing.assert_close(lp, full_lp, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ent, full_ent, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

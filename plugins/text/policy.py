@@ -61,14 +61,15 @@ class CausalLMConfig:
     blocks during the backward pass. Sampling (eval mode, KV cache) is not affected. Log-probs and
     gradients are unchanged."""
     log_prob_chunk_tokens: int = 512
-    """Tokens per chunk when the log-probs of the sampled tokens are computed without entropies
-    (every update except the actor-critic ones): the processed log-softmax is taken chunk by chunk
-    and only the sampled tokens' values are kept; the backward pass recomputes it chunk by chunk
-    from the logits. No float32 ``[batch, tokens, vocab]`` tensor (log-softmax, its gradient, the
-    upcast of bf16 logits) is ever held, only a few ``[chunk, vocab]`` ones: at a vocabulary of
-    152k, 311 MB each at 512 tokens, where one float32 ``[16, 512, vocab]`` tensor takes 5 GB. Per
-    row the operations are those of the unchunked path, so log-probs and gradients are the same.
-    0 computes the whole log-softmax at once."""
+    """Tokens per chunk when the log-probs of the sampled tokens (and, for the actor-critic updates,
+    the entropies) are computed: the processed log-softmax is taken chunk by chunk and only the
+    sampled tokens' values (and each token's entropy) are kept; the backward pass recomputes it
+    chunk by chunk from the logits. No float32 ``[batch, tokens, vocab]`` tensor (log-softmax, its
+    gradient, the upcast of bf16 logits) is ever held, only a few ``[chunk, vocab]`` ones: at a
+    vocabulary of 152k, 311 MB each at 512 tokens, where one float32 ``[16, 512, vocab]`` tensor
+    takes 5 GB. Per
+    row the operations are those of the unchunked path, so log-probs, entropies and gradients are
+    the same. 0 computes the whole log-softmax at once."""
 
     def check(self) -> None:
         if self.lora_rank < 0:
@@ -264,21 +265,22 @@ class CausalLMPolicy(Policy):
             tokens = tokens.gather(1, steps)
             mask = mask.gather(1, steps)
         chunk = self.config.log_prob_chunk_tokens
-        if with_entropy or chunk == 0:  # the whole processed distribution, kept for the entropy
+        ent = None
+        if chunk == 0:  # the whole processed distribution at once
             processed = process_logits(logits, settings)
             if mask_logits is not None:
                 processed = apply_action_mask(processed, mask_logits, top[0], int(top[1]), self.eos_token_id)
             logp_all = processed.log_softmax(dim=-1)
             lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            if with_entropy:
+                ent = _entropy(logp_all)
         else:  # no float32 [B, T, V] tensor: chunks of `chunk` tokens, forward and backward
             action = None if mask_logits is None else (top[0], int(top[1]), self.eos_token_id)
-            lp = _SampledTokenLogProbs.apply(logits, tokens, mask_logits, settings, action, chunk)
+            out = _SampledTokenLogProbs.apply(logits, tokens, mask_logits, settings, action, chunk, with_entropy)
+            lp, ent = out if with_entropy else (out, None)
         zero = torch.zeros_like(lp)
         result = {"log_probs": torch.where(mask, lp, zero)}
         if with_entropy:
-            finite = torch.isfinite(logp_all)  # filtered tokens: p = 0, and no NaN gradient through -inf
-            safe = torch.where(finite, logp_all, torch.zeros_like(logp_all))
-            ent = -(safe.exp() * safe * finite).sum(-1)
             result["entropy"] = torch.where(mask, ent, zero)
         if with_values:
             if self.value_head is None:
@@ -570,36 +572,49 @@ def _token_chunks(batch: int, steps: int, chunk: int) -> Iterator[tuple[slice, s
             yield slice(b, b + rows), slice(None)
 
 
+def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last dimension of log-probabilities; tokens filtered out (``-inf``) count
+    as p = 0 and give no NaN gradient."""
+    finite = torch.isfinite(logp_all)
+    safe = torch.where(finite, logp_all, torch.zeros_like(logp_all))
+    return -(safe.exp() * safe * finite).sum(-1)
+
+
 class _SampledTokenLogProbs(torch.autograd.Function):
     """Log-probs ``[B, T]`` of ``tokens`` under the processed distribution of ``logits [B, T, V]``
-    (temperature, top-k, top-p, NLPO's action mask: the sampler's), computed chunk by chunk
-    (:func:`_token_chunks`) with the same operations as the unchunked path, so that no float32
-    ``[B, T, V]`` tensor is ever held: the forward keeps only the log-probs; the backward recomputes
-    each chunk's processed distribution from the saved logits (kept in their own dtype, bf16 under
-    autocast) and takes that chunk's gradient, so that at any time the float32 temporaries are those
-    of one chunk. Per row the arithmetic is that of ``process_logits(...).log_softmax(-1)`` followed
-    by the gather, hence the same log-probs and gradients."""
+    (temperature, top-k, top-p, NLPO's action mask: the sampler's), and with ``entropy`` that
+    distribution's entropy ``[B, T]`` too, computed chunk by chunk (:func:`_token_chunks`) with the
+    same operations as the unchunked path, so that no float32 ``[B, T, V]`` tensor is ever held: the
+    forward keeps only the results; the backward recomputes each chunk's processed distribution from
+    the saved logits (kept in their own dtype, bf16 under autocast) and takes that chunk's gradient,
+    so that at any time the float32 temporaries are those of one chunk. Per row the arithmetic is
+    that of ``process_logits(...).log_softmax(-1)`` followed by the gather (and :func:`_entropy`),
+    hence the same log-probs, entropies and gradients."""
 
     @staticmethod
-    def _log_probs(logits, tokens, mask_logits, settings, action) -> torch.Tensor:
+    def _parts(logits, tokens, mask_logits, settings, action, entropy) -> tuple[torch.Tensor, ...]:
         z = process_logits(logits, settings)
         if action is not None:
             z = apply_action_mask(z, mask_logits, action[0], action[1], action[2])
-        return z.log_softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        logp_all = z.log_softmax(dim=-1)
+        lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return (lp, _entropy(logp_all)) if entropy else (lp,)
 
     @staticmethod
-    def forward(ctx, logits, tokens, mask_logits, settings, action, chunk):
+    def forward(ctx, logits, tokens, mask_logits, settings, action, chunk, entropy=False):
         B, T = tokens.shape
-        out = torch.empty((B, T), dtype=torch.float32, device=logits.device)
+        outs = [torch.empty((B, T), dtype=torch.float32, device=logits.device) for _ in range(2 if entropy else 1)]
         for sl in _token_chunks(B, T, chunk):
-            out[sl] = _SampledTokenLogProbs._log_probs(
-                logits[sl], tokens[sl], None if action is None else mask_logits[sl], settings, action)
-        ctx.settings, ctx.action, ctx.chunk = settings, action, chunk
+            parts = _SampledTokenLogProbs._parts(
+                logits[sl], tokens[sl], None if action is None else mask_logits[sl], settings, action, entropy)
+            for out, part in zip(outs, parts):
+                out[sl] = part
+        ctx.settings, ctx.action, ctx.chunk, ctx.entropy = settings, action, chunk, entropy
         ctx.save_for_backward(logits, tokens, *([mask_logits] if action is not None else []))
-        return out
+        return tuple(outs) if entropy else outs[0]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         logits, tokens, *rest = ctx.saved_tensors
         mask_logits = rest[0] if rest else None
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -607,7 +622,8 @@ class _SampledTokenLogProbs(torch.autograd.Function):
         for sl in _token_chunks(B, T, ctx.chunk):
             with torch.enable_grad():
                 part = logits[sl].detach().requires_grad_(True)
-                lp = _SampledTokenLogProbs._log_probs(
-                    part, tokens[sl], None if ctx.action is None else mask_logits[sl], ctx.settings, ctx.action)
-                (grad_logits[sl],) = torch.autograd.grad(lp, part, grad[sl])
-        return grad_logits, None, None, None, None, None
+                outs = _SampledTokenLogProbs._parts(
+                    part, tokens[sl], None if ctx.action is None else mask_logits[sl], ctx.settings, ctx.action,
+                    ctx.entropy)
+                (grad_logits[sl],) = torch.autograd.grad(outs, part, [g[sl] for g in grads])
+        return grad_logits, None, None, None, None, None, None
