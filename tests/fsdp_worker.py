@@ -1,7 +1,8 @@
 """Worker for test_fsdp.py, started on two CPU processes (gloo) by ``torch.distributed.run``.
 
-``ddp`` / ``fsdp``: the LoRA policy in DistributedDataParallel, or sharded with FSDP2 as
-accelerate's FSDP2 profile does (``fully_shard`` on every transformer block, then on the policy).
+``ddp`` / ``fsdp`` / ``fsdp-head``: the LoRA policy in DistributedDataParallel, or sharded with
+FSDP2 as accelerate's FSDP2 profile does (``fully_shard`` on every transformer block, then on the
+policy); ``fsdp-head`` also applies the LM head chunk by chunk (``chunk_lm_head``).
 Both train three GRPO steps (with the KL term, the reference through the disabled adapter) on the
 same fixed rollouts and advantages, and record the losses, the reference log-probs and the
 trainable weights (gathered to full tensors by the policy).
@@ -55,7 +56,8 @@ def steps(mode: str, out_dir: str) -> None:
     rank = dist.get_rank()
     prompts = [p for p in (TINY / "prompts.txt").read_text().splitlines() if p.strip()]
     torch.manual_seed(0)  # the same LoRA initialisation on every process and in both modes
-    policy = CausalLMPolicy(CausalLMConfig(pretrained=str(TINY), lora_rank=4, lora_alpha=8))
+    head = {"chunk_lm_head": True, "log_prob_chunk_tokens": 3} if mode == "fsdp-head" else {}
+    policy = CausalLMPolicy(CausalLMConfig(pretrained=str(TINY), lora_rank=4, lora_alpha=8, **head))
     contexts = [Context(prompt=prompts[(4 * rank + i) % len(prompts)], group=i // 2) for i in range(4)]
     with torch.no_grad():
         rollout = TextSampler(TextSamplerConfig(max_new_tokens=6)).sample(
@@ -63,11 +65,11 @@ def steps(mode: str, out_dir: str) -> None:
     adv = torch.randn(4, generator=torch.Generator().manual_seed(100 + rank))
     if mode == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(policy)
-    elif mode == "fsdp":
+    elif mode in ("fsdp", "fsdp-head"):
         shard_like_accelerate(policy)
         model = policy
     else:
-        raise SystemExit(f"mode must be ddp or fsdp, got {mode!r}")
+        raise SystemExit(f"mode must be ddp, fsdp or fsdp-head, got {mode!r}")
     ref = policy.reference_log_probs(rollout)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     losses = []

@@ -10,6 +10,7 @@ directly (through the loop's ``shard_policy`` argument), and the runs through
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -44,23 +45,27 @@ def launch(*args: str | Path) -> None:
 def test_fsdp2_matches_ddp_losses_weights_and_reference(tmp_path: Path) -> None:
     launch("ddp", tmp_path)
     launch("fsdp", tmp_path)
-    for rank in range(2):
+    launch("fsdp-head", tmp_path)  # with the LM head applied chunk by chunk (policy.chunk_lm_head)
+    for rank, mode in itertools.product(range(2), ("fsdp", "fsdp-head")):
         ddp = json.loads((tmp_path / f"ddp{rank}.json").read_text())
-        fsdp = json.loads((tmp_path / f"fsdp{rank}.json").read_text())
+        fsdp = json.loads((tmp_path / f"{mode}{rank}.json").read_text())
+        tol = 1e-6 if mode == "fsdp" else 1e-5  # the chunked head's matmuls round differently
+        # and AdamW turns that rounding, on near-zero gradients, into a fraction of a step (lr 1e-2)
+        w_tol = tol if mode == "fsdp" else 2e-3
         assert fsdp["sharded"] == ["DTensor"] and ddp["sharded"] == ["Parameter"]
         # same reductions in the same order on CPU: equal to float rounding (bit-equal in practice)
-        assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=1e-6)
+        assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=tol)
         assert len(set(ddp["losses"])) == 3  # the updates changed the loss
         # the reference policy (adapter disabled) under FSDP2: the base model, before and after training
-        torch.testing.assert_close(torch.tensor(fsdp["ref"]), torch.tensor(ddp["ref"]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(fsdp["ref"]), torch.tensor(ddp["ref"]), rtol=0, atol=tol)
         assert fsdp["ref_after"] == fsdp["ref"]
         assert fsdp["round_trip"] and ddp["round_trip"]  # full state -> shards -> full state
         w_ddp = load_file(str(tmp_path / f"ddp{rank}.safetensors"))
-        w_fsdp = load_file(str(tmp_path / f"fsdp{rank}.safetensors"))
+        w_fsdp = load_file(str(tmp_path / f"{mode}{rank}.safetensors"))
         assert w_fsdp.keys() == w_ddp.keys() and any("lora_B" in k for k in w_ddp)
         for k in w_ddp:  # full tensors (gathered), the same names as without sharding
             assert w_fsdp[k].shape == w_ddp[k].shape, k
-            torch.testing.assert_close(w_fsdp[k], w_ddp[k], rtol=0, atol=1e-6, msg=k)
+            torch.testing.assert_close(w_fsdp[k], w_ddp[k], rtol=0, atol=w_tol, msg=k)
         assert any(w_ddp[k].abs().sum() > 0 for k in w_ddp if "lora_B" in k)  # lora_B starts at 0: trained
     first = load_file(str(tmp_path / "fsdp0.safetensors"))
     second = load_file(str(tmp_path / "fsdp1.safetensors"))

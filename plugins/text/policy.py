@@ -70,6 +70,16 @@ class CausalLMConfig:
     takes 5 GB. Per
     row the operations are those of the unchunked path, so log-probs, entropies and gradients are
     the same. 0 computes the whole log-softmax at once."""
+    chunk_lm_head: bool = False
+    """Apply the vocabulary projection (the LM head) inside those chunks too, so that the
+    ``[batch, tokens, vocab]`` logits and their gradient never exist either: the model runs up to
+    its last hidden state, and each chunk of ``log_prob_chunk_tokens`` tokens goes through the head,
+    the sampler's logit processing and the log-softmax, and is recomputed in the backward pass (one
+    more head matmul per chunk). Log-probs, entropies and gradients equal the unchunked ones up to
+    float rounding of the matmul. Needs ``log_prob_chunk_tokens > 0``, a causal LM (``causal_lm``)
+    whose forward takes ``logits_to_keep``, and logits that are the head applied to the last
+    hidden state (checked on the first pass: models that soft-cap or scale their logits are
+    refused with an error)."""
 
     def check(self) -> None:
         if self.lora_rank < 0:
@@ -82,6 +92,9 @@ class CausalLMConfig:
             raise ConfigError("policy.lora_target_modules is empty; give module names or null for peft's default")
         if self.log_prob_chunk_tokens < 0:
             raise ConfigError(f"policy.log_prob_chunk_tokens must be >= 0 (0 = no chunking), got {self.log_prob_chunk_tokens}")
+        if self.chunk_lm_head and self.log_prob_chunk_tokens == 0:
+            raise ConfigError("policy.chunk_lm_head: true needs policy.log_prob_chunk_tokens > 0 (the chunk size); "
+                              "got log_prob_chunk_tokens: 0")
         check_model_source(self.pretrained, "policy.pretrained", "a transformers model folder (config.json and weights)")
 
 
@@ -180,6 +193,24 @@ class CausalLMPolicy(Policy):
             self.value_head = head
         base_forward = inspect.signature(self._base_model().forward).parameters
         self._keep_logits = "logits_to_keep" in base_forward
+        self._head_checked: set[int] = set()  # ids of the models whose logits were checked to be head(hidden)
+        if config.chunk_lm_head:
+            if not self.supports_chunk_lm_head:
+                raise ConfigError(f"policy.chunk_lm_head: not available for {type(self).__name__} "
+                                  "(only for causal_lm); set it to false")
+            if not self._keep_logits or self._base_model().get_output_embeddings() is None:
+                raise ConfigError(f"policy.chunk_lm_head: {type(self._base_model()).__name__} has no "
+                                  "`logits_to_keep` argument or no output embeddings; set it to false")
+            cfg = self._base_model().config
+            post = {k: getattr(cfg, k) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                    if getattr(cfg, k, None) not in (None, 1, 1.0)}
+            if post:
+                raise ConfigError(f"policy.chunk_lm_head: {type(self._base_model()).__name__} post-processes its "
+                                  f"logits ({post}), which the chunked head does not; set it to false")
+
+    supports_chunk_lm_head = True
+    """Whether ``chunk_lm_head`` applies to this policy class (the last hidden state is what the
+    head reads)."""
 
     # ------------------------------------------------------------------ loading
     def _load_errors(self):
@@ -252,14 +283,16 @@ class CausalLMPolicy(Policy):
         action mask, computed with ``mask_model``).
         """
         device = self.device
-        logits, mask_logits, hidden, tokens = self._forward_parts(model, rollout, with_values, mask_model)
+        head_chunks = self.config.chunk_lm_head
+        logits, mask_logits, hidden, tokens = self._forward_parts(model, rollout, with_values, mask_model,
+                                                                  head_chunks=head_chunks)
         mask = rollout.mask.to(device)  # [B, T]
         settings = SamplingSettings.from_meta(rollout.meta)
         top = action_mask_meta(rollout.meta)
         if steps is not None:
             steps = steps.to(device)
             pick = lambda x: x.gather(1, steps.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
-            logits = pick(logits)
+            logits = pick(logits) if logits is not None else None
             mask_logits = pick(mask_logits) if mask_logits is not None else None
             hidden = pick(hidden) if hidden is not None else None
             tokens = tokens.gather(1, steps)
@@ -274,6 +307,10 @@ class CausalLMPolicy(Policy):
             lp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             if with_entropy:
                 ent = _entropy(logp_all)
+        elif head_chunks:  # no [B, T, V] tensor at all: the head runs chunk by chunk, recomputed in backward
+            action = None if mask_logits is None else (top[0], int(top[1]), self.eos_token_id)
+            lp, ent = _head_chunked_log_probs(_output_head(model), hidden, tokens, mask_logits, settings, action,
+                                              chunk, with_entropy)
         else:  # no float32 [B, T, V] tensor: chunks of `chunk` tokens, forward and backward
             action = None if mask_logits is None else (top[0], int(top[1]), self.eos_token_id)
             out = _SampledTokenLogProbs.apply(logits, tokens, mask_logits, settings, action, chunk, with_entropy)
@@ -290,11 +327,13 @@ class CausalLMPolicy(Policy):
         return result
 
     def _forward_parts(
-        self, model: nn.Module, rollout: Rollout, with_values: bool, mask_model: nn.Module | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        self, model: nn.Module, rollout: Rollout, with_values: bool, mask_model: nn.Module | None,
+        head_chunks: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """One pass over prompt + completion: the logits ``[B, T, V]`` that predict the completion
-        tokens, the masking policy's logits (with NLPO's mask), the last hidden states ``[B, T, H]``
-        (``with_values``) and the completion tokens ``[B, T]``."""
+        tokens (``None`` with ``head_chunks``: the caller applies the head), the masking policy's
+        logits (with NLPO's mask), the last hidden states ``[B, T, H]`` (``with_values`` or
+        ``head_chunks``) and the completion tokens ``[B, T]``."""
         device = self.device
         input_ids = rollout.data["input_ids"].to(device)  # [B, P+T]
         attention_mask = rollout.data["attention_mask"].to(device)  # [B, P+T]
@@ -308,16 +347,37 @@ class CausalLMPolicy(Policy):
                                       use_cache=False)
         if self._keep_logits:
             kwargs["logits_to_keep"] = T + 1  # only the logits that predict completion tokens
-        out = model(**kwargs, output_hidden_states=with_values)
-        logits = out.logits[:, -(T + 1) : -1]  # [B, T, V]: logits at position P-1+t predict token P+t
+        if head_chunks:
+            # the model stops at the last hidden state (its one kept logit checks that the head is all that follows)
+            out = model(**{**kwargs, "logits_to_keep": 1}, output_hidden_states=True)
+            self._check_head(model, out.hidden_states[-1][:, -1], out.logits[:, -1])
+            logits = None
+        else:
+            out = model(**kwargs, output_hidden_states=with_values)
+            logits = out.logits[:, -(T + 1) : -1]  # [B, T, V]: logits at position P-1+t predict token P+t
         mask_logits = None
         if action_mask_meta(rollout.meta) is not None:
             if mask_model is None:
                 raise ValueError("the rollout was sampled under an NLPO action mask but no mask model is set")
             with torch.no_grad():
                 mask_logits = mask_model(**kwargs).logits[:, -(T + 1) : -1]
-        hidden = out.hidden_states[-1][:, -(T + 1) : -1] if with_values else None  # [B, T, H]
+        hidden = out.hidden_states[-1][:, -(T + 1) : -1] if with_values or head_chunks else None  # [B, T, H]
         return logits, mask_logits, hidden, input_ids[:, P:]
+
+    def _check_head(self, model: nn.Module, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Once per model: its logits must be its output embeddings applied to the last hidden
+        state, which is what ``chunk_lm_head`` computes (not so for logit soft-capping or scaling)."""
+        if id(model) in self._head_checked:
+            return
+        with torch.no_grad():
+            ours = _output_head(model)(hidden).float()
+        theirs = logits.detach().float()
+        if not torch.allclose(ours, theirs, atol=1e-3 * max(1.0, float(theirs.abs().max())), rtol=1e-3):
+            raise ConfigError(
+                f"policy.chunk_lm_head: {type(_unwrap(model)).__name__}'s logits are not its output embeddings "
+                f"applied to its last hidden state (largest difference {float((ours - theirs).abs().max()):.3g}; "
+                "the model post-processes them, e.g. soft-capping); set chunk_lm_head: false")
+        self._head_checked.add(id(model))
 
     def _log_probs(self, model: nn.Module, rollout: Rollout, steps: torch.Tensor | None) -> torch.Tensor:
         return self._evaluate(model, rollout, steps, mask_model=self.mask_model)["log_probs"]
@@ -570,6 +630,53 @@ def _token_chunks(batch: int, steps: int, chunk: int) -> Iterator[tuple[slice, s
         rows = max(1, chunk // max(steps, 1))
         for b in range(0, batch, rows):
             yield slice(b, b + rows), slice(None)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _output_head(model: nn.Module) -> nn.Module:
+    """The module that maps the last hidden state to logits (LoRA layers on it included)."""
+    head = _unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no output embeddings")
+    return head
+
+
+def _assemble(pieces: list[torch.Tensor], batch: int, steps: int, chunk: int) -> torch.Tensor:
+    """The ``[batch, steps]`` tensor whose pieces, in :func:`_token_chunks` order, are given."""
+    if steps >= chunk:
+        per_row = -(-steps // chunk)
+        return torch.cat([torch.cat(pieces[b * per_row : (b + 1) * per_row], dim=1) for b in range(batch)], dim=0)
+    return torch.cat(pieces, dim=0)
+
+
+def _head_chunked_log_probs(head: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
+                            mask_logits: torch.Tensor | None, settings: SamplingSettings, action: tuple | None,
+                            chunk: int, entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) ``[B, T]`` of ``tokens`` under ``head(hidden [B, T, H])`` processed
+    as the sampler did, chunk by chunk (:func:`_token_chunks`): each chunk's logits exist only
+    while that chunk is computed, and again while its gradient is (non-reentrant activation
+    checkpointing keeps only the chunk's hidden states, a view of ``hidden``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    B, T = tokens.shape
+
+    def piece(h: torch.Tensor, tok: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return _SampledTokenLogProbs._parts(head(h), tok, mask, settings, action, entropy)
+
+    lps, ents = [], []
+    track = torch.is_grad_enabled()
+    for sl in _token_chunks(B, T, chunk):
+        args = (hidden[sl], tokens[sl], None if action is None else mask_logits[sl])
+        parts = checkpoint(piece, *args, use_reentrant=False) if track else piece(*args)
+        lps.append(parts[0])
+        if entropy:
+            ents.append(parts[1])
+    return _assemble(lps, B, T, chunk), (_assemble(ents, B, T, chunk) if entropy else None)
 
 
 def _entropy(logp_all: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,11 @@ class Seq2SeqLMPolicy(CausalLMPolicy):
         start = self._base_model().config.decoder_start_token_id
         self.decoder_start_token_id = int(start if start is not None else self.pad_token_id)
 
+    supports_chunk_lm_head = False  # T5 rescales the decoder's output before its head
+
     def _forward_parts(
-        self, model: nn.Module, rollout: Rollout, with_values: bool, mask_model: nn.Module | None
+        self, model: nn.Module, rollout: Rollout, with_values: bool, mask_model: nn.Module | None,
+        head_chunks: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         device = self.device
         kwargs: dict[str, Any] = dict(
