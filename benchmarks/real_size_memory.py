@@ -7,7 +7,7 @@ the real formats (the Hub is not needed): a Stable-Diffusion-1.5 pipeline (860 M
 iteration in its own process; its peak resident memory (``ru_maxrss`` of that process) is the
 number reported. The work per iteration is deliberately small (one 512 px sample of one
 denoising step with DDPO's classifier-free guidance for SD-1.5, of two consistency steps for the
-LCM, the fewest its sampler accepts; 8 completions of 64 tokens for the LM) so that a CPU finishes it: the memory of the weights, the optimizer and one micro-batch's
+LCM, the fewest its sampler accepts; 8 completions of 64 tokens for the LM, ``--new-tokens`` for longer ones) so that a CPU finishes it: the memory of the weights, the optimizer and one micro-batch's
 activations is what the switches change, and it does not grow with the number of steps.
 
     python benchmarks/real_size_memory.py --families sd15 lcm lm --threads 2
@@ -103,13 +103,13 @@ def image_config(pretrained: str, lcm: bool, head: str) -> dict:
     }
 
 
-def text_config(pretrained: str) -> dict:
+def text_config(pretrained: str, new_tokens: int = 64) -> dict:
     return {
         "run": {"iterations": 1, "prompts_per_iteration": 2, "samples_per_prompt": 4, "seed": 0, "report": False,
                 "progress": False, "save_every": 100, "update_snapshot": "none"},
         "prompts": {"items": ["Once upon a time", "The weather today"]},
         "policy": {"name": "causal_lm", "pretrained": pretrained, "lora_rank": 0},
-        "sampler": {"name": "generate", "max_new_tokens": 64, "stop_at_eos": False, "batch_size": 8},
+        "sampler": {"name": "generate", "max_new_tokens": new_tokens, "stop_at_eos": False, "batch_size": 8},
         "rewards": {"length_penalty": {"weight": 1.0, "target": 32}},
         "update": {"name": "grpo", "beta": 0.04, "train_batch_size": 8, "gradient_accumulation_batches": 1},
         "optimizer": {"lr": 1e-6},
@@ -139,6 +139,10 @@ TEXT_VARIANTS = [
      ["run.mixed_precision=bf16", "policy.torch_dtype=bfloat16"]),
     ("all of the above but the KL", ["optimizer.implementation=8bit", "policy.gradient_checkpointing=true",
                                      "run.mixed_precision=bf16", "policy.torch_dtype=bfloat16"]),
+    ("the LM head in chunks (`policy.chunk_lm_head: true`)", ["policy.chunk_lm_head=true"]),
+    ("all of the above but the KL, with the LM head in chunks",
+     ["optimizer.implementation=8bit", "policy.gradient_checkpointing=true", "run.mixed_precision=bf16",
+      "policy.torch_dtype=bfloat16", "policy.chunk_lm_head=true"]),
 ]
 
 
@@ -173,6 +177,7 @@ def main() -> None:
     ap.add_argument("--head", default=str(ROOT.parent / "shared" / "assets" / "sac+logos+ava1-l14-linearMSE.pth"),
                     help="the LAION aesthetic head (.pth) the image runs score with")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per completion of the LM runs (8 completions)")
     ap.add_argument("--only", nargs="*", type=int, default=None, help="indices of the variants to run")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--keep-runs", action="store_true", help="keep each run's output folder (checkpoints included)")
@@ -185,13 +190,14 @@ def main() -> None:
         if not (folder / ("config.json" if family == "lm" else "model_index.json")).is_file():
             print(f"building the {family} model in {folder} ...", file=sys.stderr, flush=True)
             build_lm(folder) if family == "lm" else build_sd(folder, lcm=family == "lcm")
-        config = text_config(str(folder)) if family == "lm" else image_config(str(folder), family == "lcm", args.head)
+        config = text_config(str(folder), args.new_tokens) if family == "lm" else image_config(str(folder), family == "lcm", args.head)
         variants = TEXT_VARIANTS if family == "lm" else IMAGE_VARIANTS
         for i, (name, overrides) in enumerate(variants):
             if args.only is not None and i not in args.only:
                 continue
             r = run_variant(config, overrides, args.threads, cache, keep=args.keep_runs)
-            r.update(family=family, variant=name, overrides=overrides)
+            r.update(family=family if family != "lm" else f"lm, 8 x {args.new_tokens} tokens", variant=name,
+                     overrides=overrides)
             results.append(r)
             print(f"{family:5s} | {name} | {r['peak_rss_gb']:.2f} GB | {r['seconds']:.0f} s | exit {r['exit']}", flush=True)
     print("\n| model | variant | peak RSS (GB) | seconds |\n|---|---|---:|---:|")

@@ -220,8 +220,8 @@ class ImageRewardConfig:
     batch_size: int = 16
     """Images scored at once."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """The dtype of the BLIP image and text encoders (``bfloat16`` halves their memory, and scores move by
-    a few hundredths); the MLP head and the scores stay float32."""
+    """The dtype of the BLIP image and text encoders (``bfloat16`` halves their memory; the scores then
+    carry bf16 rounding); the MLP head and the scores stay float32."""
 
     def check(self) -> None:
         """Reject impossible settings before any model loads."""
