@@ -13,7 +13,7 @@ from polyrl.host import Host
 from polyrl.plugins.lilgym import actions as A
 from polyrl.plugins.lilgym.lm import (LilGymLMConfig, LilGymLMPolicy, LilGymTextSampler, LilGymTextSamplerConfig,
                                       action_target, build_prompt)
-from polyrl.types import Context
+from polyrl.types import ConfigError, Context
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "lilgym"
@@ -150,6 +150,28 @@ def test_stop_forcing_records_the_forced_stop_as_text_with_its_log_probs(warmed_
         recomputed = policy(r)
     turn = slice(a, 2 * a)  # the recorded STOP's log-probs are the policy's own
     assert torch.allclose(recomputed[0, turn], r.log_probs[0, turn], atol=1e-4) and r.log_probs[0, turn].sum() < 0
+
+
+def test_stop_forcing_fraction_draws_which_episodes_are_forced(warmed_policy):
+    policy = warmed_policy
+    first = A.encode("tower", A.Action("add", box=0, color=0))
+    lines = [action_target("tower", first), " hello there\n"]  # the goal, then prose: forced STOP or unparsable
+
+    def run(fraction):
+        sampler = _sampler(stop_forcing=True, stop_forcing_fraction=fraction)
+        ex = sampler.examples[0]
+        r = sampler.sample(Scripted(policy, lines), [Context(ex.id, group=i) for i in range(16)],
+                           torch.Generator().manual_seed(0))
+        return r.outputs["lilgym_success"], r.outputs["lilgym_unparsable"]
+
+    won, unparsable = run(0.5)
+    assert 0 < won.sum() < 16 and torch.equal(won + unparsable, torch.ones(16))  # each episode one or the other
+    won_all, _ = run(1.0)
+    assert won_all.sum() == 16
+    won_none, unparsable_none = run(0.0)
+    assert won_none.sum() == 0 and unparsable_none.sum() == 16
+    with pytest.raises(ConfigError, match="stop_forcing_fraction"):
+        LilGymTextSamplerConfig(stop_forcing_fraction=1.5).check()
 
 
 def test_warmed_up_agent_rollouts_recompute_and_the_loop_logs_the_parse_rate(tmp_path, warmed_policy):

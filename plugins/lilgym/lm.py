@@ -257,6 +257,10 @@ class LilGymTextSamplerConfig:
     stop_forcing: bool = False
     """lilGym's stop forcing (training only): a turn taken while the goal already holds becomes STOP
     (+1), whatever its text (unparsable text included)."""
+    stop_forcing_fraction: float = 1.0
+    """With stop forcing, the fraction of episodes that use it (drawn per episode; nothing is drawn
+    at 1.0, so that runs at the default are unchanged); the others run without, where only a
+    ``stop`` the agent writes itself earns +1, so that it also learns to stop."""
     record_forced_stop: bool = True
     """With stop forcing, record the STOP that the environment executes as the turn's text (the
     tokens of ``" stop\\n"`` with their log-probs under the sampling policy), as lilGym's PPO baseline
@@ -277,7 +281,7 @@ class LilGymTextSamplerConfig:
 
         LilGymSamplerConfig(task=self.task, split=self.split, data_dir=self.data_dir, statements=self.statements,
                             heldout_fraction=self.heldout_fraction, horizon=self.horizon,
-                            remove_rule=self.remove_rule).check()
+                            remove_rule=self.remove_rule, stop_forcing_fraction=self.stop_forcing_fraction).check()
 
 
 class LilGymTextSampler(Sampler):
@@ -335,7 +339,11 @@ class LilGymTextSampler(Sampler):
         index = assign_examples(contexts, cfg.task, self.ids, len(self.examples), generator)
         seeds = torch.randint(2**31 - 1, (b,), generator=generator).tolist()
         envs = [self._env(i) for i in range(b)]
-        for env, s, i in zip(envs, seeds, index):
+        forcing = [cfg.stop_forcing] * b
+        if cfg.stop_forcing and cfg.stop_forcing_fraction < 1:
+            forcing = (torch.rand(b, generator=generator) < cfg.stop_forcing_fraction).tolist()
+        for env, s, i, f in zip(envs, seeds, index, forcing):
+            env.stop_forcing = bool(f)
             env.reset(seed=s, options={"example_index": i})
         prompt_ids = torch.full((b, k, p), policy.lm.pad_token_id, dtype=torch.long)
         prompt_mask = torch.zeros((b, k, p), dtype=torch.bool)
