@@ -103,9 +103,9 @@ def image_config(pretrained: str, lcm: bool, head: str) -> dict:
     }
 
 
-def text_config(pretrained: str, new_tokens: int = 64) -> dict:
+def text_config(pretrained: str, new_tokens: int = 64, iterations: int = 1) -> dict:
     return {
-        "run": {"iterations": 1, "prompts_per_iteration": 2, "samples_per_prompt": 4, "seed": 0, "report": False,
+        "run": {"iterations": iterations, "prompts_per_iteration": 2, "samples_per_prompt": 4, "seed": 0, "report": False,
                 "progress": False, "save_every": 100, "update_snapshot": "none"},
         "prompts": {"items": ["Once upon a time", "The weather today"]},
         "policy": {"name": "causal_lm", "pretrained": pretrained, "lora_rank": 0},
@@ -178,6 +178,9 @@ def main() -> None:
                     help="the LAION aesthetic head (.pth) the image runs score with")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per completion of the LM runs (8 completions)")
+    ap.add_argument("--lm-iterations", type=int, default=1,
+                    help="iterations of the LM runs; from the second on, the optimizer's state exists during the "
+                         "backward pass, so that activations add to the peak")
     ap.add_argument("--only", nargs="*", type=int, default=None, help="indices of the variants to run")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--keep-runs", action="store_true", help="keep each run's output folder (checkpoints included)")
@@ -190,13 +193,14 @@ def main() -> None:
         if not (folder / ("config.json" if family == "lm" else "model_index.json")).is_file():
             print(f"building the {family} model in {folder} ...", file=sys.stderr, flush=True)
             build_lm(folder) if family == "lm" else build_sd(folder, lcm=family == "lcm")
-        config = text_config(str(folder), args.new_tokens) if family == "lm" else image_config(str(folder), family == "lcm", args.head)
+        config = text_config(str(folder), args.new_tokens, args.lm_iterations) if family == "lm" else image_config(str(folder), family == "lcm", args.head)
         variants = TEXT_VARIANTS if family == "lm" else IMAGE_VARIANTS
         for i, (name, overrides) in enumerate(variants):
             if args.only is not None and i not in args.only:
                 continue
             r = run_variant(config, overrides, args.threads, cache, keep=args.keep_runs)
-            r.update(family=family if family != "lm" else f"lm, 8 x {args.new_tokens} tokens", variant=name,
+            r.update(family=family if family != "lm" else
+                     f"lm, 8 x {args.new_tokens} tokens, {args.lm_iterations} iteration(s)", variant=name,
                      overrides=overrides)
             results.append(r)
             print(f"{family:5s} | {name} | {r['peak_rss_gb']:.2f} GB | {r['seconds']:.0f} s | exit {r['exit']}", flush=True)
