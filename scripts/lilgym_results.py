@@ -151,6 +151,9 @@ NOTES = """
   With a KL penalty to the warmed-up model (`--override update.beta=0.1`, 2.2 CPU minutes per run), the sampled
   policy stays near it (11.0% (11.0, 11.0, 11.0)) but the greedy one fails more often (4.1% (12.3, 0.0, 0.0)); its
   parse rate is 97.3% sampled, 99.9% greedy.
+  With stop forcing in half the episodes, as the CNN agent trains (`--override sampler.stop_forcing_fraction=0.5`,
+  1.0 CPU minute per run), it learns to stop on its first or second turn: 1.6% sampled (1.8, 1.2, 1.8), 2.5% greedy,
+  about 2 env steps per episode.
 - **Scatter**: the uniform-valid baseline almost never succeeds because STOP is 1 of up to 2,661 valid actions
   (it wanders until the horizon). The CNN agent's factorised distribution picks the action type first, so it
   STOPs at a rate it learns; trained as the paper's baseline (stop forcing with the forced STOP recorded,
