@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -479,7 +480,10 @@ def train(config: RunConfig, host: Host, resume: bool = False,
                 trainer._update_context = UpdateContext.from_trainer(trainer)  # what the update step sees
                 stats = dict(hook.polyrl_update(trainer=trainer, rollout=rollout, rewards=rewards.total) or {})
                 lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this iteration used
-                trainer.scheduler.step()
+                with warnings.catch_warnings():  # the schedule is per iteration, and an iteration may make
+                    # no optimizer step (an off-policy learner's warm-up): torch's order warning does not apply
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                    trainer.scheduler.step()
                 t3 = time.perf_counter()
                 for name, _, fn in trainer.rewards:  # learned rewards train on what was just sampled
                     if hasattr(fn, "learn"):

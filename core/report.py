@@ -70,11 +70,14 @@ def record_samples(trainer: Any, tag: int) -> None:
     # per-step rewards: the episode return
     scores = {name: (v.sum(1) if v.dim() == 2 else v).tolist() for name, v in scored.components.items()}
     record: dict[str, Any] = {"iteration": tag, "prompts": [c.prompt for c in contexts], "rewards": scores}
+    if "captions" in rollout.outputs:  # what a sample shows better than its prompt (an episode's sentence)
+        record["captions"] = [str(c) for c in rollout.outputs["captions"]]
     images, grid_png = None, None
     if "images" in rollout.outputs:
         images = rollout.outputs["images"].float().cpu().clamp(0, 1)
         atomic.write_bytes(out / f"iter_{tag:06d}_raw.png", _png(_strip(images)))
-        grid_png = _png(captioned_grid(images, record["prompts"], _reward_lines(scores, len(contexts))))
+        grid_png = _png(captioned_grid(images, record.get("captions", record["prompts"]),
+                                       _reward_lines(scores, len(contexts))))
         atomic.write_bytes(out / f"iter_{tag:06d}.png", grid_png)
         record["image"] = f"iter_{tag:06d}.png"
         record["raw_image"] = f"iter_{tag:06d}_raw.png"
@@ -219,7 +222,7 @@ def _stack_grids(records: list[dict[str, Any]], out: Path) -> str | None:
     size = _tile_size(w)
     font, big = _font(14), _font(18)
     pad, label_w, line_h = 10, 120, 18
-    heads = [_wrap(p, font, size, CAPTION_LINES) for p in rows[0][0]["prompts"]]
+    heads = [_wrap(p, font, size, CAPTION_LINES) for p in rows[0][0].get("captions", rows[0][0]["prompts"])]
     head_h = line_h * max(len(h) for h in heads) + 8
     names = list(rows[0][0]["rewards"])
     reward_h = line_h * max(1, len(names)) + 6

@@ -64,7 +64,8 @@ class Rollout:
             [B, T, C, H, W]``, ``next_latents``, ``timesteps [B, T]``, ``prompt_embeds``; for text
             ``input_ids [B, L]``, ``attention_mask``...). Policies read them to recompute log-probs.
         outputs: what rewards read: ``images`` float ``[B, 3, H, W]`` in ``[0, 1]``, ``texts``
-            (list of ``B`` strings), ``completion_ids``...
+            (list of ``B`` strings), ``completion_ids``...; optionally ``captions`` (``B`` strings),
+            which the run report prints with each image instead of its prompt (an episode's sentence).
         meta: sampling settings that the trained distribution must share (guidance scale, eta,
             temperature...). Scalars only.
         shared: tensors that every sample shares, stored once without a batch dimension (the

@@ -131,7 +131,7 @@ def run_one(env: str, method: str, n_demos: int, seed: int, runs: Path, ref: dic
     if result_path.is_file():
         return json.loads(result_path.read_text())
     config = config_of(env, method)
-    overrides = [f"run.seed={seed}", f"run.output_dir={run_dir}", "run.progress=false", f"{DEMO_KEY[method]}={n_demos}"]
+    overrides = [f"run.seed={seed}", f"run.output_dir={run_dir}", "run.progress=false", "run.report=false", f"{DEMO_KEY[method]}={n_demos}"]
     if method in SEED_KEY:
         overrides.append(f"{SEED_KEY[method]}={seed}")
     if (run_dir / "checkpoints").is_dir():

@@ -221,7 +221,7 @@ def train_agent(config: str, run_dir: Path, overrides: list[str]) -> tuple[Any, 
     from polyrl.loop import train
 
     host = Host()
-    data = apply_overrides(load_yaml(REPO / config), [f"run.output_dir={run_dir}", "run.progress=false", *overrides])
+    data = apply_overrides(load_yaml(REPO / config), [f"run.output_dir={run_dir}", "run.progress=false", "run.report=false", *overrides])
     cfg = host.build_config(data)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     trainer = train(cfg, host)

@@ -155,3 +155,29 @@ def test_a_failing_report_never_hides_the_error_that_stopped_the_run(tmp_path, m
     err = capsys.readouterr().err
     assert "writing the report failed: OSError: the report folder went away" in err
     assert (tmp_path / "run" / "policy" / "adapter_config.json").is_file()
+
+
+def test_lilgym_report_captions_each_episode_with_its_sentence(tmp_path, monkeypatch):
+    """Env runs get the report too: the reward curves, and the fixed-seed episodes' final worlds
+    captioned with their sentences (the sampler's ``captions``) rather than the task name."""
+    from polyrl.config import apply_overrides, load_yaml
+
+    monkeypatch.chdir(ROOT)
+    if not (ROOT.parent / "shared" / "data" / "lilgym").is_dir():
+        pytest.skip("lilGym data not found beside the checkout")
+    data = apply_overrides(load_yaml(ROOT / "configs" / "lilgym_tower_scratch.yaml"),
+                           ["run.iterations=2", "run.prompts_per_iteration=8", f"run.output_dir={tmp_path / 'run'}",
+                            "run.progress=false"])
+    host = Host()
+    train(host.build_config(data), host)
+    out = tmp_path / "run" / "report"
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("iter_*.json"))]
+    assert [r["iteration"] for r in records] == [0, 2]
+    for r in records:
+        assert len(r["captions"]) == len(r["prompts"]) and set(r["prompts"]) == {"TowerScratch"}
+        assert all(c.endswith(("[true]", "[false]")) and len(c) > 20 for c in r["captions"])
+        assert r["captions"] == records[0]["captions"]  # the same episodes at every recorded iteration
+    assert (out / "samples_over_iterations.png").is_file() and (out / "reward.png").is_file()
+    page = (out / "index.html").read_text()
+    assert "2 iterations" in page and "reward/lilgym_success" in json.dumps(
+        [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()])

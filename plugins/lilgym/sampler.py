@@ -249,6 +249,7 @@ class LilGymSampler(Sampler):
                 "example_ids": [envs[i].example.id for i in range(b)],
                 "images": final,
                 "texts": texts,
+                "captions": [f"{env.example.sentence} [{str(env.example.target).lower()}]" for env in envs],
             },
             meta={"task": cfg.task, "split": cfg.split, "stop_forcing": self.stop_forcing_now(),
                   "deterministic": cfg.deterministic},
