@@ -147,6 +147,7 @@ def test_chunk_lm_head_refusals(tmp_path: Path, tiny_qwen2: Path) -> None:
         (capped / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((capped / "config.json").read_text())
     (capped / "config.json").write_text(json.dumps({**cfg, "final_logit_softcapping": 30.0}))
+    (capped / "model.safetensors").write_bytes(b"not weights")  # refused before any weights load
     with pytest.raises(ConfigError, match="final_logit_softcapping"):
         CausalLMPolicy(CausalLMConfig(pretrained=str(capped), chunk_lm_head=True))
     # a model whose logits are not head(hidden), whatever its configuration says: found on the first pass
@@ -166,6 +167,7 @@ def test_seq2seq_refuses_the_chunked_head(tmp_path: Path) -> None:
     T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4,
                                         pad_token_id=0, eos_token_id=0, decoder_start_token_id=0)).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")  # refused before any weights load
     with pytest.raises(ConfigError, match="only for causal_lm"):
         Seq2SeqLMPolicy(CausalLMConfig(pretrained=str(tmp_path), chunk_lm_head=True))
 

@@ -135,6 +135,8 @@ class CausalLMPolicy(Policy):
         if config.trust_remote_code:
             self._load_kwargs["trust_remote_code"] = True
 
+        if config.chunk_lm_head:
+            self._check_chunk_lm_head()
         with self._load_errors():
             tokenizer = AutoTokenizer.from_pretrained(self.source, **self._load_kwargs)
         if tokenizer.pad_token is None:
@@ -194,25 +196,31 @@ class CausalLMPolicy(Policy):
         base_forward = inspect.signature(self._base_model().forward).parameters
         self._keep_logits = "logits_to_keep" in base_forward
         self._head_checked: set[int] = set()  # ids of the models whose logits were checked to be head(hidden)
-        if config.chunk_lm_head:
-            if not self.supports_chunk_lm_head:
-                raise ConfigError(f"policy.chunk_lm_head: not available for {type(self).__name__} "
-                                  "(only for causal_lm); set it to false")
-            if not self._keep_logits or self._base_model().get_output_embeddings() is None:
-                raise ConfigError(f"policy.chunk_lm_head: {type(self._base_model()).__name__} has no "
-                                  "`logits_to_keep` argument or no output embeddings; set it to false")
-            cfg = self._base_model().config
-            post = {k: getattr(cfg, k) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-                    if getattr(cfg, k, None) not in (None, 1, 1.0)}
-            if post:
-                raise ConfigError(f"policy.chunk_lm_head: {type(self._base_model()).__name__} post-processes its "
-                                  f"logits ({post}), which the chunked head does not; set it to false")
+        if config.chunk_lm_head and (not self._keep_logits or self._base_model().get_output_embeddings() is None):
+            raise ConfigError(f"policy.chunk_lm_head: {type(self._base_model()).__name__} has no "
+                              "`logits_to_keep` argument or no output embeddings; set it to false")
 
     supports_chunk_lm_head = True
     """Whether ``chunk_lm_head`` applies to this policy class (the last hidden state is what the
     head reads)."""
 
     # ------------------------------------------------------------------ loading
+    def _check_chunk_lm_head(self) -> None:
+        """``chunk_lm_head`` on a policy class or a model configuration that cannot take it: an
+        error before any weights load."""
+        import transformers
+
+        if not self.supports_chunk_lm_head:
+            raise ConfigError(f"policy.chunk_lm_head: not available for {type(self).__name__} "
+                              "(only for causal_lm); set it to false")
+        with self._load_errors():
+            cfg = transformers.AutoConfig.from_pretrained(self.source, **self._load_kwargs)
+        post = {k: getattr(cfg, k) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+                if getattr(cfg, k, None) not in (None, 1, 1.0)}
+        if post:
+            raise ConfigError(f"policy.chunk_lm_head: {cfg.model_type} models post-process their logits "
+                              f"({post}), which the chunked head does not; set it to false")
+
     def _load_errors(self):
         """Hub, network and missing-file failures while loading ``policy.pretrained``, as a
         :class:`ConfigError` that says what to do."""
