@@ -14,6 +14,8 @@ import yaml
 from .config import apply_overrides, field_docs, load_yaml
 from .types import ConfigError
 
+COMPONENT_KINDS = ("policy", "sampler", "reward", "update")
+
 DEFAULT_CONFIG = "default.yaml"
 
 
@@ -128,19 +130,41 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(args: argparse.Namespace) -> int:
-    """Print the accepted keys of a component, with their defaults and documentation."""
+def _sections() -> dict[str, type]:
+    """The config's own sections (not components), by their key in a run config."""
+    from .config import EvalConfig, OptimizerConfig, PromptsConfig, RunSettings
+
+    return {"run": RunSettings, "prompts": PromptsConfig, "optimizer": OptimizerConfig, "eval": EvalConfig}
+
+
+def _print_fields(cls: type) -> None:
     import dataclasses
 
-    host = _build_host(args.plugin)
-    kind = args.kind
-    spec = host.spec(kind, args.name, f"{kind}")
-    print(f"{kind} {spec.name!r} (from {spec.provider}): {spec.description}")
-    docs = field_docs(spec.config_cls)
-    for f in dataclasses.fields(spec.config_cls):
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")  # type: ignore[misc]
         print(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}")
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the accepted keys of a config section or a component, with their defaults and documentation."""
+    kind = args.kind
+    sections = _sections()
+    if kind in sections:
+        if args.name is not None:
+            raise ConfigError(f"polyrl config {kind} takes no name (got {args.name!r}); "
+                              f"names go with {', '.join(COMPONENT_KINDS)}")
+        doc = " ".join((sections[kind].__doc__ or "").strip().split("\n\n")[0].split())  # its first paragraph
+        print(f"{kind}: {doc}")
+        _print_fields(sections[kind])
+        return 0
+    if args.name is None:
+        raise ConfigError(f"polyrl config {kind} NAME: which {kind}? `polyrl plugins` lists the installed ones")
+    host = _build_host(args.plugin)
+    spec = host.spec(kind, args.name, f"{kind}")
+    print(f"{kind} {spec.name!r} (from {spec.provider}): {spec.description}")
+    _print_fields(spec.config_cls)
     return 0
 
 
@@ -221,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("config", help="show a component's settings and their documentation")
-    c.add_argument("kind", choices=["policy", "sampler", "reward", "update"])
-    c.add_argument("name")
+    c = sub.add_parser("config", help="show the settings of a config section or a component, with their documentation")
+    c.add_argument("kind", choices=[*COMPONENT_KINDS, *_sections()],
+                   help="a component kind (then its NAME) or a section of the run config")
+    c.add_argument("name", nargs="?", help="the component's name (`polyrl plugins` lists them)")
     c.set_defaults(func=cmd_config)
 
     f = sub.add_parser("prefetch", help="download every remote model and file a config reads (then train offline)")

@@ -162,3 +162,24 @@ def test_plugins_lists_what_each_sampler_puts_in_rollout_outputs(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["components"]["sampler"]["lcm"]["produces"] == ["images"]
     assert info["components"]["reward"]["clip_score"]["reads"] == ["images"]
+
+
+def test_config_command_documents_the_run_sections_and_components(capsys):
+    import dataclasses
+
+    from polyrl.cli import main
+    from polyrl.config import OptimizerConfig, RunSettings, field_docs
+
+    for kind, cls in (("run", RunSettings), ("optimizer", OptimizerConfig)):
+        assert main(["config", kind]) == 0
+        out = capsys.readouterr().out
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name) and f"  {f.name} = " in out, (kind, f.name)
+    assert main(["config", "policy", "causal_lm"]) == 0
+    assert "  chunk_lm_head = False" in capsys.readouterr().out
+    # a component kind needs a name; a section takes none
+    assert main(["config", "update"]) == 2
+    assert "which update?" in capsys.readouterr().err
+    assert main(["config", "run", "grpo"]) == 2
+    assert "takes no name" in capsys.readouterr().err
