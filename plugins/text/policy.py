@@ -67,9 +67,8 @@ class CausalLMConfig:
     chunk by chunk from the logits. No float32 ``[batch, tokens, vocab]`` tensor (log-softmax, its
     gradient, the upcast of bf16 logits) is ever held, only a few ``[chunk, vocab]`` ones: at a
     vocabulary of 152k, 311 MB each at 512 tokens, where one float32 ``[16, 512, vocab]`` tensor
-    takes 5 GB. Per
-    row the operations are those of the unchunked path, so log-probs, entropies and gradients are
-    the same. 0 computes the whole log-softmax at once."""
+    takes 5 GB. Per row the operations are those of the unchunked path, so log-probs, entropies
+    and gradients are the same. 0 computes the whole log-softmax at once."""
     chunk_lm_head: bool = False
     """Apply the vocabulary projection (the LM head) inside those chunks too, so that the
     ``[batch, tokens, vocab]`` logits and their gradient never exist either: the model runs up to
@@ -78,8 +77,8 @@ class CausalLMConfig:
     more head matmul per chunk). Log-probs, entropies and gradients equal the unchunked ones up to
     float rounding of the matmul. Needs ``log_prob_chunk_tokens > 0``, a causal LM (``causal_lm``)
     whose forward takes ``logits_to_keep``, and logits that are the head applied to the last
-    hidden state (checked on the first pass: models that soft-cap or scale their logits are
-    refused with an error)."""
+    hidden state: models whose configuration soft-caps or scales their logits are refused before
+    loading, and every model's own logit of its last position is compared on its first pass."""
 
     def check(self) -> None:
         if self.lora_rank < 0:
