@@ -117,6 +117,10 @@ def test_multi_turn_rollout_masks_rewards_and_parse_counts(warmed_policy):
     assert torch.equal(rewards, expected)  # each turn's reward on its last token, nothing elsewhere
     assert (r.log_probs.view(k, a)[~mask] == 0).all() and (r.log_probs.view(k, a)[mask] == -0.5).all()
     assert r.outputs["episode_lengths"].tolist() == [3]
+    # the final world and its sentence, for the run report
+    img = r.outputs["images"]
+    assert img.shape[:2] == (1, 3) and 0 <= img.min() and img.max() <= 1 and img.std() > 0
+    assert r.outputs["captions"] == [f"{ex.sentence} [{str(ex.target).lower()}]"]
     assert r.outputs["lilgym_parse_rate"].tolist() == [1.0] and r.outputs["lilgym_valid_turns"].tolist() == [3.0]
     # GRPO's reward of the episode is its return
     from polyrl.plugins.updates.common import sequence_rewards

@@ -426,6 +426,9 @@ class LilGymTextSampler(Sampler):
                 "episode_lengths": turns,
                 "example_ids": [envs[i].example.id for i in range(b)],
                 "texts": texts_out,
+                # the final worlds, captioned with their sentences, for the run report
+                "images": torch.from_numpy(np.stack([env.render_full() for env in envs])).permute(0, 3, 1, 2).float() / 255.0,
+                "captions": [f"{env.example.sentence} [{str(env.example.target).lower()}]" for env in envs],
             },
             meta={"temperature": policy.cfg.temperature, "task": cfg.task, "split": cfg.split,
                   "deterministic": cfg.deterministic},
