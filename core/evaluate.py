@@ -42,12 +42,19 @@ from .types import ConfigError, Context, Rollout
 SIDE_BY_SIDE = 16
 
 
-def _score(policy, sampler, rewards, contexts: list[Context], seed: int, batch: int) -> tuple[dict[str, list[float]], list[Rollout]]:
+def _score(policy, sampler, rewards, contexts: list[Context], seed: int, batch: int,
+           label: str = "") -> tuple[dict[str, list[float]], list[Rollout]]:
+    from tqdm.auto import tqdm
+
     scores: dict[str, list[float]] = {name: [] for name, _, _ in rewards}
     rollouts = []
     policy.eval()
+    starts = range(0, len(contexts), batch)
+    # a bar per policy on a terminal (none when stderr is not one): each batch is sampled and scored
+    bar = tqdm(starts, desc=f"polyrl eval: {label}" if label else "polyrl eval", unit="batch", disable=None,
+               dynamic_ncols=True)
     with torch.no_grad():
-        for k in range(0, len(contexts), batch):
+        for k in bar:
             g = torch.Generator().manual_seed(seed * 1_000_003 + k)
             rollout = sampler.sample(policy, contexts[k : k + batch], g)
             scored = score(rewards, rollout)  # the same scoring path as training
@@ -140,7 +147,7 @@ def evaluate(run_dir: str | Path, samples: int = 32, seed: int = 0, iteration: i
             state = load_checkpoint(ckpt)
             policy.load_trainable_state_dict(state["trainable"])
             result["iteration"] = state["trainer"]["iteration"]
-        scores, rollouts = _score(policy, sampler, rewards, contexts, seed, batch)
+        scores, rollouts = _score(policy, sampler, rewards, contexts, seed, batch, label=f"{stage} policy")
         outputs[stage] = scores, rollouts
         result[stage] = _summary(scores, weights)
         texts = _texts(rollouts)
