@@ -103,6 +103,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sample import sample_run
+
+    announce_imports(run_folder_config(Path(args.run_dir), "sample"), Path(args.run_dir))
+    out = sample_run(args.run_dir, prompts=args.prompt or None, prompts_file=args.prompts,
+                     samples_per_prompt=args.samples_per_prompt, seed=args.seed, iteration=args.iteration,
+                     base=args.base, batch=args.batch, out=args.out, plugins=tuple(args.plugin))
+    print(f"polyrl: wrote the samples to {out}")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     host = _build_host(args.plugin)
     info = host.describe()
@@ -244,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out prompts: a text file (one per line) or JSONL (default: the run's prompts)")
     e.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
     e.set_defaults(func=cmd_eval)
+
+    sm = sub.add_parser("sample", help="draw samples from a run's trained policy (or its base model) for given prompts")
+    sm.add_argument("run_dir")
+    sm.add_argument("prompt", nargs="*", help="prompts (default: --prompts FILE, else the run's own)")
+    sm.add_argument("--prompts", metavar="FILE", default=None, help="a text file (one prompt per line) or JSONL")
+    sm.add_argument("-n", "--samples-per-prompt", type=int, default=4)
+    sm.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    sm.add_argument("--iteration", type=int, default=None, help="checkpoint to load (default: latest)")
+    sm.add_argument("--base", action="store_true", help="sample the model the run started from")
+    sm.add_argument("--batch", type=int, default=16, help="samples per sampling batch")
+    sm.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/samples/iter_NNNNNN-seedS)")
+    sm.add_argument("-p", "--plugin", action="append", default=argparse.SUPPRESS, metavar="MODULE")
+    sm.set_defaults(func=cmd_sample)
 
     c = sub.add_parser("config", help="show the settings of a config section or a component, with their documentation")
     c.add_argument("kind", choices=[*COMPONENT_KINDS, *_sections()],
