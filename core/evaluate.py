@@ -133,6 +133,7 @@ def evaluate(run_dir: str | Path, samples: int = 32, seed: int = 0, iteration: i
     device = "cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu"
     policy = host.build_policy(cfg).to(device)
     sampler = host.build_sampler(cfg, policy)
+    sampler.training = False  # no training-only sampling behaviour (lilGym's stop forcing)
     rewards = host.build_rewards(cfg, policy)
     weights = {name: w for name, w, _ in rewards}
     base_state = policy.trainable_state_dict()  # the untrained weights (a LoRA adapter starts as the identity)

@@ -42,7 +42,7 @@ class HeldOut:
         names = [name for name, _, _ in self.rewards]
         weights = torch.tensor([w for _, w, _ in self.rewards], dtype=torch.float64)
         sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per reward, then the count
-        with evaluating(trainer.policy):
+        with evaluating(trainer.policy, trainer.sampler):
             for k in range(0, len(mine), self.config.batch):
                 g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + acc.process_index * 7919 + k)
                 with torch.no_grad(), acc.autocast():

@@ -64,7 +64,7 @@ def record_samples(trainer: Any, tag: int) -> None:
                 for i in range(min(N_REPORT_SAMPLES, max(len(rows), 4)))]
     g = torch.Generator().manual_seed(trainer.config.run.seed + 12345)
     # recording samples leaves no trace in training: a resumed run is exact with or without the report
-    with evaluating(trainer.policy), torch.no_grad(), trainer.accelerator.autocast():
+    with evaluating(trainer.policy, trainer.sampler), torch.no_grad(), trainer.accelerator.autocast():
         rollout = trainer.sampler.sample(trainer.policy, contexts, g)
     scored = score(trainer.rewards, rollout)  # the same scoring path as training
     # per-step rewards: the episode return

@@ -81,6 +81,7 @@ def sample_run(run_dir: str | Path, prompts: Sequence[str] | None = None, prompt
     device = "cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu"
     policy = host.build_policy(cfg).to(device)
     sampler = host.build_sampler(cfg, policy)
+    sampler.training = False  # no training-only sampling behaviour (lilGym's stop forcing)
     if ckpt is not None:
         policy.load_trainable_state_dict(load_checkpoint(ckpt)["trainable"])
     policy.eval()

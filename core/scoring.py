@@ -12,17 +12,26 @@ from .types import RewardOutput, Rollout
 
 
 @contextlib.contextmanager
-def evaluating(policy: torch.nn.Module) -> Iterator[None]:
-    """``policy`` in eval mode, and afterwards every module's own train/eval mode back (frozen parts
-    stay in eval mode), so that sampling for the report or an evaluation leaves training exactly as
-    it was."""
+def evaluating(policy: torch.nn.Module, sampler: Any = None) -> Iterator[None]:
+    """``policy`` in eval mode (and ``sampler.training`` False), and afterwards every module's own
+    train/eval mode back (frozen parts stay in eval mode) and the sampler's flag, so that sampling
+    for the report or an evaluation leaves training exactly as it was."""
     modes = [(m, m.training) for m in policy.modules()]
+    had = sampler is not None and "training" in vars(sampler)  # its own flag, or the class default
+    sampler_mode = getattr(sampler, "training", None)
     policy.eval()
+    if sampler is not None:
+        sampler.training = False
     try:
         yield
     finally:
         for m, mode in modes:
             m.training = mode
+        if sampler is not None:
+            if had:
+                sampler.training = sampler_mode
+            else:
+                del sampler.training
 
 
 def score(rewards: Sequence[tuple[str, float, Any]], rollout: Rollout) -> RewardOutput:

@@ -293,6 +293,10 @@ class Sampler:
     """
 
     modality: str = "any"
+    training: bool = True
+    """False while the samples are for evaluation (the report's fixed-seed samples, the held-out
+    evaluation, ``polyrl eval``, ``polyrl sample``; set through :func:`polyrl.scoring.evaluating`):
+    a sampler with training-only behaviour (lilGym's stop forcing) then turns it off."""
 
     def sample(self, policy: Policy, contexts: list[Context], generator: torch.Generator) -> Rollout:  # pragma: no cover
         raise NotImplementedError

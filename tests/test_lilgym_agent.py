@@ -211,6 +211,8 @@ def test_stop_forcing_schedule_follows_the_training_iteration():
     assert [(setattr(sampler, "iteration", i), sampler.stop_forcing_now())[1] for i in (0, 1, 3, 4)] == [False, True, True, False]
     always = LilGymSampler(LilGymSamplerConfig(task="TowerScratch", split="dev", data_dir=str(FIXTURES)))
     assert always.stop_forcing_now()
+    always.training = False  # evaluation (polyrl.scoring.evaluating): never
+    assert not always.stop_forcing_now()
     with pytest.raises(ConfigError, match="stop_forcing_iterations must be >= 0"):
         LilGymSamplerConfig(task="TowerScratch", split="dev", data_dir=str(FIXTURES), stop_forcing_iterations=-1).check()
 

@@ -178,6 +178,26 @@ def test_stop_forcing_fraction_draws_which_episodes_are_forced(warmed_policy):
         LilGymTextSamplerConfig(stop_forcing_fraction=1.5).check()
 
 
+def test_no_stop_forcing_while_evaluating(warmed_policy):
+    """Stop forcing is training-only: under ``evaluating`` (the report, the held-out evaluation,
+    ``polyrl eval``, ``polyrl sample``) the goal-then-prose episode fails as the agent played it."""
+    from polyrl.scoring import evaluating
+
+    policy = warmed_policy
+    first = A.encode("tower", A.Action("add", box=0, color=0))
+    lines = [action_target("tower", first), " hello there\n"]
+    sampler = _sampler(stop_forcing=True, stop_forcing_fraction=0.5)
+    ex = sampler.examples[0]
+    contexts = [Context(ex.id, group=i) for i in range(8)]
+    with evaluating(policy.lm, sampler):
+        assert sampler.training is False
+        r = sampler.sample(Scripted(policy, lines), contexts, torch.Generator().manual_seed(0))
+    assert "training" not in vars(sampler) and sampler.training is True  # the class default again
+    assert r.outputs["lilgym_success"].sum() == 0 and r.outputs["lilgym_unparsable"].sum() == 8
+    trained = _sampler(stop_forcing=True).sample(Scripted(policy, lines), contexts, torch.Generator().manual_seed(0))
+    assert trained.outputs["lilgym_success"].sum() == 8
+
+
 def test_warmed_up_agent_rollouts_recompute_and_the_loop_logs_the_parse_rate(tmp_path, warmed_policy):
     r = _sampler().sample(warmed_policy, [Context("TowerScratch", group=g // 2) for g in range(4)],
                           torch.Generator().manual_seed(0))

@@ -168,8 +168,15 @@ def test_lilgym_report_captions_each_episode_with_its_sentence(tmp_path, monkeyp
     data = apply_overrides(load_yaml(ROOT / "configs" / "lilgym_tower_scratch.yaml"),
                            ["run.iterations=2", "run.prompts_per_iteration=8", f"run.output_dir={tmp_path / 'run'}",
                             "run.progress=false"])
+    from polyrl.plugins.lilgym.sampler import LilGymSampler
+
+    modes = []  # sampler.training at each call: the report's samples are drawn without stop forcing
+    original = LilGymSampler.sample
+    monkeypatch.setattr(LilGymSampler, "sample",
+                        lambda self, *a, **k: (modes.append((self.training, self.stop_forcing_now())), original(self, *a, **k))[1])
     host = Host()
     train(host.build_config(data), host)
+    assert modes == [(False, False), (True, True), (True, True), (False, False)]  # report, 2 iterations, report
     out = tmp_path / "run" / "report"
     records = [json.loads(p.read_text()) for p in sorted(out.glob("iter_*.json"))]
     assert [r["iteration"] for r in records] == [0, 2]

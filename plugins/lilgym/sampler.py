@@ -160,7 +160,7 @@ class LilGymSampler(Sampler):
     def stop_forcing_now(self) -> bool:
         """Whether this iteration's episodes use stop forcing."""
         cfg = self.cfg
-        if not cfg.stop_forcing:
+        if not cfg.stop_forcing or not self.training:  # training only: never while evaluating
             return False
         return cfg.stop_forcing_iterations == 0 or 0 < self.iteration <= cfg.stop_forcing_iterations
 
