@@ -19,6 +19,27 @@ REPO = Path(__file__).resolve().parent.parent
 SIDES = ("polyrl", "trl")
 
 
+def pair_arguments(ap, iterations: int) -> None:
+    """The options every peer benchmark starts with: ``--pairs`` and ``--iterations``."""
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved (polyrl, TRL) pairs of runs")
+    ap.add_argument("--iterations", type=int, default=iterations, help="iterations per run; the first is warm-up")
+
+
+def parse_pair_args(ap):
+    """Add the options every peer benchmark ends with (``--seed``, ``--markdown``, and the hidden
+    ``--side`` / ``--result`` of one side's run), parse, and check ``--iterations``."""
+    import argparse
+
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--markdown", help="also write the comparison into this markdown file (between its benchmark markers)")
+    ap.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.iterations < 2:
+        sys.exit(f"--iterations must be >= 2 (the first is warm-up), got {args.iterations}")
+    return args
+
+
 def launch_side(script: str, side: str, result: Path, options: list[str]) -> dict:
     """Run ``script --side SIDE --result RESULT OPTIONS`` in a single-threaded process and return
     the JSON it wrote; exits with the run's stderr when it fails."""

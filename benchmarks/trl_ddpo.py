@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import REPO, interleaved_pairs, launch_side, mean_over, median_range, per_run, write_block
+from peer import (REPO, interleaved_pairs, launch_side, mean_over, median_range, pair_arguments, parse_pair_args,
+                  per_run, write_block)
 CAPTIONS = ["a red circle on the right", "a red triangle at the top", "a green square on the left",
             "a green star at the bottom", "a blue triangle on the left", "a yellow circle at the bottom",
             "a yellow star on the left", "a purple square at the bottom"]
@@ -203,22 +204,15 @@ def launch(args, side: str, result: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=5, help="interleaved (polyrl, TRL) pairs of runs")
-    ap.add_argument("--iterations", type=int, default=3, help="iterations per run; the first is warm-up")
+    pair_arguments(ap, iterations=3)
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps per sample")
     ap.add_argument("--samples", type=int, default=32, help="samples per iteration (a multiple of 8 captions)")
     ap.add_argument("--train-batch", type=int, default=16, help="samples per micro-batch")
     ap.add_argument("--steps-per-call", type=int, default=1,
                     help="polyrl's update.steps_per_call (1: one UNet call per step and micro-batch, as TRL)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--markdown", help="also write the table into this markdown file (between its markers)")
-    ap.add_argument("--side", choices=["polyrl", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_pair_args(ap)
     if args.samples % len(CAPTIONS) or args.samples % args.train_batch:
         sys.exit(f"--samples {args.samples} must be a multiple of {len(CAPTIONS)} and of --train-batch")
-    if args.iterations < 2:
-        sys.exit(f"--iterations must be >= 2 (the first is warm-up), got {args.iterations}")
     if args.side:
         return one_side(args)
     try:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from peer import REPO, interleaved_pairs, launch_side, mean_over, median_range, per_run, write_block
+from peer import (REPO, interleaved_pairs, launch_side, mean_over, median_range, pair_arguments, parse_pair_args,
+                  per_run, write_block)
 MARK_BEGIN, MARK_END = "<!-- trl-benchmark:begin -->", "<!-- trl-benchmark:end -->"
 COUNTS = [f"{g}_{k}" for g in ("nograd", "grad") for k in ("calls", "rows", "tokens", "s")]
 TIMED = ["backward_s", "draw_s", "optimizer_s", "reward_s"]  # other work that both sides must do
@@ -242,21 +243,14 @@ def launch(args, side: str, result: Path, evaluate_models: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=5, help="interleaved (polyrl, TRL) pairs of runs")
-    ap.add_argument("--iterations", type=int, default=30, help="iterations per run; the first is warm-up")
+    pair_arguments(ap, iterations=30)
     ap.add_argument("--prompts", type=int, default=4, help="prompts per iteration")
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO's G)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--beta", type=float, default=0.04)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--markdown", help="also write the comparison into this markdown file (between its benchmark markers)")
-    ap.add_argument("--side", choices=["polyrl", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.iterations < 2:
-        sys.exit(f"--iterations must be >= 2 (the first is warm-up), got {args.iterations}")
+    args = parse_pair_args(ap)
     if args.side:
         return one_side(args)
     try:
