@@ -26,6 +26,7 @@ from . import atomic
 from .checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from .config import load_yaml
 from .host import Host
+from .scoring import evaluating
 from .types import ConfigError, Context, Rollout
 
 __all__ = ["sample_run"]
@@ -81,12 +82,11 @@ def sample_run(run_dir: str | Path, prompts: Sequence[str] | None = None, prompt
     device = "cuda" if torch.cuda.is_available() and not cfg.run.cpu else "cpu"
     policy = host.build_policy(cfg).to(device)
     sampler = host.build_sampler(cfg, policy)
-    sampler.training = False  # no training-only sampling behaviour (lilGym's stop forcing)
     if ckpt is not None:
         policy.load_trainable_state_dict(load_checkpoint(ckpt)["trainable"])
-    policy.eval()
     rollouts: list[Rollout] = []
-    with torch.no_grad():
+    # eval mode, and no training-only sampling behaviour (lilGym's stop forcing)
+    with evaluating(policy, sampler), torch.no_grad():
         for k in tqdm(range(0, len(contexts), batch), desc="polyrl sample", unit="batch", disable=None):
             g = torch.Generator().manual_seed(seed * 1_000_003 + k)
             rollouts.append(sampler.sample(policy, contexts[k : k + batch], g))

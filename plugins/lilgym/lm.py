@@ -339,8 +339,9 @@ class LilGymTextSampler(Sampler):
         index = assign_examples(contexts, cfg.task, self.ids, len(self.examples), generator)
         seeds = torch.randint(2**31 - 1, (b,), generator=generator).tolist()
         envs = [self._env(i) for i in range(b)]
-        forcing = [cfg.stop_forcing and self.training] * b  # training only: never while evaluating
-        if forcing[0] and cfg.stop_forcing_fraction < 1:
+        on = cfg.stop_forcing and self.training  # training only: never while evaluating
+        forcing = [on] * b
+        if on and cfg.stop_forcing_fraction < 1:
             forcing = (torch.rand(b, generator=generator) < cfg.stop_forcing_fraction).tolist()
         for env, s, i, f in zip(envs, seeds, index, forcing):
             env.stop_forcing = bool(f)
